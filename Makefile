@@ -1,0 +1,58 @@
+# The two commands are `make train` and `make test`; the rest are their steps and helpers.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXP ?= fmnist
+ARGS ?=
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist
+
+.PHONY: help setup data train tokenize test test-slow lint tb clean
+
+help:
+	@echo "make train [EXP=fmnist] [ARGS='hydra overrides']  set up, then train experiment EXP end to end"
+	@echo "make test                                         set up, then run the default test suite"
+	@echo "make tokenize | test-slow | lint | tb | clean"
+
+setup: $(STAMP) data
+
+# Reinstalls only when pyproject.toml changes (the stamp's name holds its hash).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# Fashion-MNIST from Debian's package when running as root and it is missing;
+# otherwise the loader downloads it, or says how to get it.
+data:
+	@if [ -f $(FMNIST_DEBIAN)/t10k-labels-idx1-ubyte.gz ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian package dataset-fashion-mnist"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else echo "note: $(FMNIST_DEBIAN) is missing and this is not root: the loader will download Fashion-MNIST"; fi
+
+train: setup
+	$(PY) -m magnets.train experiment=$(EXP) $(ARGS)
+
+tokenize: setup
+	$(PY) -m magnets.tokenize experiment=$(EXP) $(ARGS)
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(ARGS)
+
+test-slow: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests
+
+tb: setup
+	$(VENV)/bin/tensorboard --logdir runs
+
+# Removes the environment and caches; runs/ (trained models, shards) and data/ stay.
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

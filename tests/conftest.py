@@ -1,0 +1,79 @@
+"""Shared fixtures: synthetic Fashion-MNIST files and composition of the real Hydra configs."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from magnets.data import fashion_mnist
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+
+
+def idx_payload(array: np.ndarray) -> bytes:
+    """The idx encoding of a uint8 array: magic (0, 0, 0x08, ndim), big-endian dims, data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def synthetic_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` 28x28 images of a bright rectangle whose size depends on the label."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = np.zeros((n, 28, 28), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        half = 3 + int(label)
+        images[i, 14 - half : 14 + half, 14 - half // 2 : 14 + half // 2] = 200
+    images = np.clip(images + rng.integers(0, 30, images.shape), 0, 255).astype(np.uint8)
+    return images, labels
+
+
+@pytest.fixture
+def fake_fmnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory of synthetic Fashion-MNIST idx.gz files (120 train, 40 test) whose checksums are the expected ones."""
+    root = tmp_path / "fashion-mnist"
+    root.mkdir()
+    checksums = {}
+    for split, n, seed in (("train", 120, 0), ("test", 40, 1)):
+        images, labels = synthetic_split(n, seed)
+        for name, array in zip(fashion_mnist.SPLIT_FILES[split], (images, labels), strict=True):
+            payload = idx_payload(array)
+            checksums[name] = hashlib.sha256(payload).hexdigest()
+            with gzip.open(root / f"{name}.gz", "wb") as f:
+                f.write(payload)
+    monkeypatch.setattr(fashion_mnist, "PAYLOAD_SHA256", checksums)
+    return root
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+@pytest.fixture
+def tiny_cfg(fake_fmnist: Path, tmp_path: Path) -> DictConfig:
+    """The real default experiment, shrunk: synthetic data, tiny tokenizer, outputs in tmp_path."""
+    return compose_config(
+        [
+            "experiment=fmnist",
+            "tokenizer=tiny",
+            f"paths.runs={tmp_path / 'runs'}",
+            f"data.root={fake_fmnist}",
+            "data.search_debian=false",
+            "data.download_url=file:///nonexistent/",
+            "data.val_size=20",
+            "data.batch_size=16",
+            "tokenize.batch_size=32",
+            "progress_refresh_rate=0",
+        ]
+    )

@@ -1,0 +1,65 @@
+"""The default experiment end to end at tiny scale: tokenizer, checkpoint with config, shards, skips."""
+
+import json
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from magnets.data.shards import open_shard
+from magnets.tokenize import file_sha256
+from magnets.train import train
+
+
+def test_train_then_rerun_skips(tiny_cfg):
+    out = train(tiny_cfg)
+    tok_dir = tiny_cfg.tokenizer.dir
+    ckpt = out["tokenizer"]
+    assert str(ckpt) == f"{tok_dir}/tokenizer.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert saved["config"]["tokenizer"]["model"] == OmegaConf.to_container(tiny_cfg.tokenizer.model, resolve=True)
+    assert saved["global_step"] == tiny_cfg.tokenizer.trainer.max_steps
+    metrics = json.loads((ckpt.parent / "metrics.json").read_text())
+    assert {"test/psnr", "test/codebook_usage", "test/perplexity"} <= set(metrics)
+
+    counts = {"train": 100 * 2, "val": 20, "test": 40}  # train gets flipped copies
+    for split, count in counts.items():
+        tokens, labels, meta = open_shard(out["shards"][split], codebook_size=64, grid=[8, 8])
+        assert tokens.shape == (count, 64) and meta.tokenizer_sha256 == file_sha256(ckpt)
+        assert meta.flip_augmented == (split == "train")
+    tokens, labels, _ = open_shard(out["shards"]["train"])
+    np.testing.assert_array_equal(labels[:100], labels[100:])
+    assert (tokens[:100] != tokens[100:]).any()  # flipped images give other tokens
+    assert any(p.name.startswith("events.out.tfevents") for p in (ckpt.parent / "tensorboard").iterdir())
+
+    mtimes = {p: p.stat().st_mtime_ns for p in [ckpt] + [out["shards"][s] / "tokens.npy" for s in counts]}
+    train(tiny_cfg)  # second run: everything up to date
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_existing_tokenizer_with_other_architecture_is_refused(tiny_cfg):
+    train(tiny_cfg)
+    tiny_cfg.tokenizer.model.code_dim = 4
+    with pytest.raises(ValueError, match=r"another model config \(fields \['code_dim'\]: saved \[8\], configured \[4\]\)"):
+        train(tiny_cfg)
+
+
+def test_interrupted_tokenizer_training_resumes_from_last_checkpoint(tiny_cfg, monkeypatch):
+    tiny_cfg.tokenizer.trainer.max_steps = 2
+    out = train(tiny_cfg)
+    out["tokenizer"].unlink()  # as if the run died right after its periodic checkpoint at step 2
+
+    resumed_from = []
+    fit = L.Trainer.fit
+
+    def recording_fit(self, *args, ckpt_path=None, **kwargs):
+        resumed_from.append(ckpt_path)
+        return fit(self, *args, ckpt_path=ckpt_path, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "fit", recording_fit)
+    tiny_cfg.tokenizer.trainer.max_steps = 4
+    out = train(tiny_cfg)
+    assert resumed_from == [out["tokenizer"].parent / "checkpoints" / "last.ckpt"]
+    assert torch.load(out["tokenizer"], map_location="cpu", weights_only=False)["global_step"] == 4
