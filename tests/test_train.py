@@ -1,6 +1,7 @@
 """The default experiment end to end at tiny scale: tokenizer, checkpoint with config, shards, skips."""
 
 import json
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from magnets.data.shards import open_shard
+from magnets.lit.tokenizer import TokenizerModule
 from magnets.tokenize import file_sha256
 from magnets.train import train
 
@@ -46,10 +48,20 @@ def test_existing_tokenizer_with_other_architecture_is_refused(tiny_cfg):
         train(tiny_cfg)
 
 
-def test_interrupted_tokenizer_training_resumes_from_last_checkpoint(tiny_cfg, monkeypatch):
-    tiny_cfg.tokenizer.trainer.max_steps = 2
-    out = train(tiny_cfg)
-    out["tokenizer"].unlink()  # as if the run died right after its periodic checkpoint at step 2
+def test_crashed_tokenizer_training_resumes_where_it_stopped(tiny_cfg, monkeypatch):
+    step = TokenizerModule.training_step
+
+    def crash_at_step_3(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise RuntimeError("simulated crash")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(TokenizerModule, "training_step", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_cfg)
+    last = Path(tiny_cfg.tokenizer.dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 3  # saved at the crash
+    assert not (Path(tiny_cfg.tokenizer.dir) / "tokenizer.ckpt").exists()
 
     resumed_from = []
     fit = L.Trainer.fit
@@ -58,8 +70,8 @@ def test_interrupted_tokenizer_training_resumes_from_last_checkpoint(tiny_cfg, m
         resumed_from.append(ckpt_path)
         return fit(self, *args, ckpt_path=ckpt_path, **kwargs)
 
+    monkeypatch.setattr(TokenizerModule, "training_step", step)
     monkeypatch.setattr(L.Trainer, "fit", recording_fit)
-    tiny_cfg.tokenizer.trainer.max_steps = 4
     out = train(tiny_cfg)
-    assert resumed_from == [out["tokenizer"].parent / "checkpoints" / "last.ckpt"]
+    assert resumed_from == [last]
     assert torch.load(out["tokenizer"], map_location="cpu", weights_only=False)["global_step"] == 4

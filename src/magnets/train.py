@@ -19,7 +19,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -71,6 +71,8 @@ def fit_tokenizer(cfg: DictConfig) -> Path:
             ModelCheckpoint(
                 dirpath=tok_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.tokenizer.checkpoint_every
             ),
+            # Ctrl-C or a crash saves the state reached, as last.ckpt: a rerun continues from it.
+            OnExceptionCheckpoint(dirpath=tok_dir / "checkpoints", filename="last"),
             ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)),
             TQDMProgressBar(refresh_rate=cfg.progress_refresh_rate),
         ],
