@@ -1,0 +1,181 @@
+"""Token shards: a directory of ``tokens.npy`` (uint16 ``[items, tokens]``), ``labels.npy`` and ``meta.json``.
+
+Shards are written atomically: everything goes into a hidden temporary
+directory beside the target, which is renamed into place only when complete,
+so an interrupted write never leaves a directory that looks like a shard.
+Readers check ``meta.json`` against what the model expects and refuse a
+shard that does not match, naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+FORMAT_VERSION = 1
+
+
+class ShardError(ValueError):
+    """A token shard is missing, incomplete, or does not match the model."""
+
+
+@dataclass
+class ShardMeta:
+    """Contents of ``meta.json``."""
+
+    dataset: str
+    split: str
+    count: int
+    grid: list[int]  # token grid shape, e.g. [8, 8]; tokens per item = prod(grid)
+    codebook_size: int
+    tokenizer_checkpoint: str
+    tokenizer_sha256: str
+    flip_augmented: bool
+    created: str
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def tokens_per_item(self) -> int:
+        return int(np.prod(self.grid))
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_shard(
+    directory: str | Path,
+    meta: ShardMeta,
+    fill: Callable[[np.memmap, np.memmap], None],
+) -> Path:
+    """Write a shard atomically.
+
+    ``fill(tokens, labels)`` writes into memmaps of shape ``[meta.count,
+    tokens_per_item]`` (uint16) and ``[meta.count]`` (int64). Only when it
+    returns are the files flushed and the directory renamed to ``directory``
+    (replacing an older shard there).
+    """
+    target = Path(directory)
+    if meta.codebook_size > 65536:
+        raise ShardError(f"codebook_size={meta.codebook_size} does not fit uint16 tokens (max 65536)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    try:
+        tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.uint16, shape=(meta.count, meta.tokens_per_item))
+        labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.int64, shape=(meta.count,))
+        fill(tokens, labels)
+        tokens.flush()
+        labels.flush()
+        del tokens, labels
+        (tmp / "meta.json").write_text(json.dumps(asdict(meta), indent=2) + "\n")
+        # Swap: the old shard (if any) moves aside, the new one takes its name, the old one is removed.
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def read_meta(directory: str | Path) -> ShardMeta:
+    path = Path(directory) / "meta.json"
+    if not path.is_file():
+        raise ShardError(f"{directory} is not a token shard: {path.name} is missing (tokenize the split first: make tokenize)")
+    try:
+        fields = json.loads(path.read_text())
+        return ShardMeta(**fields)
+    except (json.JSONDecodeError, TypeError) as err:
+        raise ShardError(f"{path} is not a valid shard meta.json ({err})") from err
+
+
+def check_meta(meta: ShardMeta, directory: str | Path, expected: dict[str, object]) -> None:
+    """Raise naming every field of ``meta`` that differs from ``expected``."""
+    diffs = [f"{key}: shard has {getattr(meta, key)!r}, expected {value!r}" for key, value in expected.items() if getattr(meta, key) != value]
+    if diffs:
+        raise ShardError(f"token shard {directory} does not match: " + "; ".join(diffs))
+
+
+def open_shard(directory: str | Path, **expected: object) -> tuple[np.memmap, np.ndarray, ShardMeta]:
+    """Tokens (read-only memmap ``[count, tokens]``), labels ``[count]`` and meta of a shard.
+
+    ``expected`` names meta fields that must match, e.g.
+    ``open_shard(d, codebook_size=512, grid=[8, 8])``.
+    """
+    meta = read_meta(directory)
+    check_meta(meta, directory, expected)
+    tokens = np.load(Path(directory) / "tokens.npy", mmap_mode="r")
+    labels = np.load(Path(directory) / "labels.npy", mmap_mode="r")
+    if tokens.dtype != np.uint16 or tokens.shape != (meta.count, meta.tokens_per_item):
+        raise ShardError(
+            f"{directory}/tokens.npy is {tokens.dtype} {list(tokens.shape)}, meta.json says uint16 [{meta.count}, {meta.tokens_per_item}]"
+        )
+    if labels.shape != (meta.count,):
+        raise ShardError(f"{directory}/labels.npy has shape {list(labels.shape)}, meta.json says [{meta.count}]")
+    return tokens, labels, meta
+
+
+class TokenDataset(Dataset):
+    """Items of a shard as ``(tokens int64 [N], label int64)``."""
+
+    def __init__(self, directory: str | Path, **expected: object) -> None:
+        self.tokens, self.labels, self.meta = open_shard(directory, **expected)
+
+    def __len__(self) -> int:
+        return self.meta.count
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(self.tokens[index].astype(np.int64)), torch.tensor(int(self.labels[index]))
+
+
+class TokenDataModule(L.LightningDataModule):
+    """Token shards ``<root>/<split>`` for ``train``, ``val`` and ``test``, checked against the model."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        codebook_size: int,
+        grid: list[int],
+        batch_size: int = 256,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.expected = {"codebook_size": codebook_size, "grid": list(grid)}
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    def dataset(self, split: str) -> TokenDataset:
+        return TokenDataset(self.root / split, **self.expected)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
