@@ -1,0 +1,130 @@
+"""LightningModule that trains every nested width at once, with progressive distillation."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from magnets.lit.optim import warmup_cosine
+from magnets.masking import random_training_mask
+from magnets.models.transformer import NestedTransformer, TransformerConfig
+
+DISTILL_MODES = ("progressive", "none")
+
+
+class NestedMaskGITModule(L.LightningModule):
+    """Masks each batch once and sums the losses of every width on it.
+
+    m_1 learns from the ground-truth tokens. With ``distill="progressive"``
+    each smaller m_p learns from ``alpha * CE(ground truth) + (1 - alpha) *
+    CE(soft targets of the next larger width, detached)``, alpha decaying
+    linearly from 1 to 0 over ``alpha_decay_steps``; with ``distill="none"``
+    every width learns from the ground truth only. ``model["widths"] = [1]``
+    is plain single-width MaskGIT.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        distill: str = "progressive",
+        alpha_decay_steps: int = 1000,
+        label_dropout: float = 0.1,
+        label_smoothing: float = 0.0,
+        mask_schedule: str = "cosine",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.96),
+        weight_decay: float = 0.045,
+        warmup_steps: int = 100,
+    ) -> None:
+        super().__init__()
+        if distill not in DISTILL_MODES:
+            raise ValueError(f"unknown distill mode {distill!r}; valid: {list(DISTILL_MODES)}")
+        self.save_hyperparameters()
+        self.model = NestedTransformer(TransformerConfig(**model))
+        # Largest first: each width's teacher is the one computed just before it.
+        self.widths = sorted(self.model.cfg.widths)
+        self.val_loss = torch.nn.ModuleDict({f"p{p}": MeanMetric() for p in self.widths})
+        self.val_acc = torch.nn.ModuleDict({f"p{p}": MeanMetric() for p in self.widths})
+        self._step_started = 0.0
+
+    def alpha(self) -> float:
+        """Weight of the ground-truth loss for the smaller widths: 1 -> 0 over ``alpha_decay_steps``."""
+        return max(0.0, 1.0 - self.global_step / max(1, self.hparams.alpha_decay_steps))
+
+    def _mask(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked inputs ``[B, N]`` and the mask ``[B, N]`` (True = masked)."""
+        mask = random_training_mask(*tokens.shape, self.hparams.mask_schedule, generator, tokens.device)
+        return tokens.masked_fill(mask, self.model.cfg.mask_id), mask
+
+    def width_losses(
+        self, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, alpha: float
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per width: (loss, accuracy) on the masked positions."""
+        out = {}
+        teacher_probs = None
+        for p in self.widths:
+            logits = self.model(inputs, labels, width=p)[mask]  # [M, V]: masked positions only
+            ce = F.cross_entropy(logits, targets[mask], label_smoothing=self.hparams.label_smoothing)
+            if teacher_probs is None or self.hparams.distill == "none":
+                loss = ce
+            else:
+                soft_ce = -(teacher_probs * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+                loss = alpha * ce + (1 - alpha) * soft_ce
+            teacher_probs = F.softmax(logits.detach(), dim=-1)
+            out[p] = (loss, (logits.argmax(-1) == targets[mask]).float().mean())
+        return out
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        tokens, labels = batch
+        inputs, mask = self._mask(tokens)
+        drop = torch.rand(labels.shape, device=labels.device) < self.hparams.label_dropout
+        labels = labels.masked_fill(drop, self.model.cfg.null_class)
+        alpha = self.alpha()
+        losses = self.width_losses(inputs, tokens, mask, labels, alpha)
+        for p, (loss, acc) in losses.items():
+            self.log_dict({f"train/loss/p{p}": loss, f"train/acc/p{p}": acc})
+        total = sum(loss for loss, _ in losses.values())
+        self.log_dict({"train/loss": total, "train/alpha": alpha}, prog_bar=True)
+        return total
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        tokens = batch[0].numel() * self.trainer.world_size
+        self.log("train/tokens_per_s", tokens / max(1e-9, time.perf_counter() - self._step_started))
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Held-out masked-token prediction with a mask fixed per batch index (the same every epoch)."""
+        tokens, labels = batch
+        generator = torch.Generator(device=tokens.device).manual_seed(batch_idx)
+        inputs, mask = self._mask(tokens, generator)
+        for p, (loss, acc) in self.width_losses(inputs, tokens, mask, labels, alpha=1.0).items():
+            weight = int(mask.sum())
+            self.val_loss[f"p{p}"].update(loss, weight)
+            self.val_acc[f"p{p}"].update(acc, weight)
+
+    def on_validation_epoch_end(self) -> None:
+        for key in self.val_loss:
+            self.log(f"val/loss/{key}", self.val_loss[key].compute())
+            self.log(f"val/acc/{key}", self.val_acc[key].compute())
+            self.val_loss[key].reset()
+            self.val_acc[key].reset()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        # Weight decay on the matrices of linear layers only: not on norms, biases or embeddings.
+        decay = [m.weight for m in self.model.modules() if isinstance(m, torch.nn.Linear)]
+        decay_ids = {id(p) for p in decay}
+        no_decay = [p for p in self.model.parameters() if id(p) not in decay_ids]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+            betas=tuple(self.hparams.betas),
+        )
+        scheduler = warmup_cosine(optimizer, self.hparams.warmup_steps, self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,48 @@
+"""The one home of mask-ratio math, for training and for decoding.
+
+A mask schedule maps progress ``r`` in ``[0, 1]`` to the fraction of tokens
+still masked: 1 at ``r = 0``, 0 at ``r = 1``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MASK_SCHEDULES = {
+    "cosine": lambda r: math.cos(r * math.pi / 2),
+    "linear": lambda r: 1.0 - r,
+    "square_root": lambda r: 1.0 - math.sqrt(r),
+    "arccos": lambda r: math.acos(r) / (math.pi / 2),
+}
+
+
+def mask_ratio(progress: float, schedule: str = "cosine") -> float:
+    """Fraction of tokens masked at ``progress`` in ``[0, 1]`` under ``schedule``."""
+    if schedule not in MASK_SCHEDULES:
+        raise ValueError(f"unknown mask schedule {schedule!r}; valid: {sorted(MASK_SCHEDULES)}")
+    if not 0.0 <= progress <= 1.0:
+        raise ValueError(f"progress must lie in [0, 1], got {progress}")
+    return MASK_SCHEDULES[schedule](progress)
+
+
+def random_training_mask(
+    batch_size: int,
+    num_tokens: int,
+    schedule: str = "cosine",
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Boolean mask ``[B, N]`` (True = masked) for one training batch.
+
+    Each item draws ``r ~ U[0, 1)`` and masks ``ceil(mask_ratio(r) * N)``
+    random positions, at least one.
+    """
+    progress = torch.rand(batch_size, generator=generator, device=device).tolist()
+    counts = torch.tensor(
+        [min(num_tokens, max(1, math.ceil(mask_ratio(r, schedule) * num_tokens))) for r in progress], device=device
+    )
+    scores = torch.rand(batch_size, num_tokens, generator=generator, device=device)
+    ranks = scores.argsort(dim=1).argsort(dim=1)  # [B, N]: each position's rank among random scores
+    return ranks < counts[:, None]

@@ -1,0 +1,159 @@
+"""Nested bidirectional MaskGIT transformer: one set of weights, sub-models m_p of residual width D/p.
+
+m_p (``width=p``) carries the first ``D/p`` channels of the residual stream:
+embeddings and every LayerNorm are sliced to their first ``D/p`` entries;
+layers that read the stream (q/k/v, MLP-in, output head) use the first
+``D/p`` input columns ``W[:, :D/p]`` and still produce the full attention
+width and MLP hidden size; layers that write to the stream (attention-out,
+MLP-out) produce only the first ``D/p`` outputs ``W[:D/p, :]``. Every
+weight-matrix product of m_p costs 1/p of m_1's; attention runs at full
+width, so keys and values have the same shape at every width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Sizes matched one-to-one by conf/model/*.yaml: (dim, depth, heads, mlp_dim).
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"dim": 96, "depth": 2, "heads": 2, "mlp_dim": 384},
+    "fmnist": {"dim": 256, "depth": 6, "heads": 4, "mlp_dim": 1024},
+    "s": {"dim": 512, "depth": 12, "heads": 8, "mlp_dim": 2048},
+    "b": {"dim": 768, "depth": 24, "heads": 16, "mlp_dim": 3072},
+    "l": {"dim": 1024, "depth": 24, "heads": 16, "mlp_dim": 4096},
+    "xl": {"dim": 1536, "depth": 28, "heads": 24, "mlp_dim": 6144},
+}
+
+
+@dataclass
+class TransformerConfig:
+    """Architecture of the nested transformer.
+
+    Token ids ``0 .. codebook_size-1`` are codes, ``codebook_size`` is [MASK];
+    labels ``0 .. num_classes-1`` are classes, ``num_classes`` is the null
+    class used for classifier-free guidance.
+    """
+
+    codebook_size: int
+    num_tokens: int
+    num_classes: int
+    dim: int
+    depth: int
+    heads: int
+    mlp_dim: int
+    widths: list[int] = field(default_factory=lambda: [8, 4, 2, 1])
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.widths if p < 1 or self.dim % p]
+        if bad:
+            raise ValueError(f"dim={self.dim} is not divisible by width factors {bad}; widths must divide dim: {self.widths}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim={self.dim} is not divisible by heads={self.heads}")
+        if 1 not in self.widths:
+            raise ValueError(f"widths must include 1 (the full model), got {self.widths}")
+
+    @classmethod
+    def from_size(cls, size: str, **fields: object) -> TransformerConfig:
+        """The registered ``size`` (see ``MODEL_SIZES``) with data-dependent ``fields``."""
+        if size not in MODEL_SIZES:
+            raise ValueError(f"unknown model size {size!r}; valid: {list(MODEL_SIZES)}")
+        return cls(**MODEL_SIZES[size], **fields)
+
+    @property
+    def mask_id(self) -> int:
+        return self.codebook_size
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def stream_width(self, width: int) -> int:
+        """Residual channels of sub-model m_width: ``dim / width``."""
+        if width not in self.widths:
+            raise ValueError(f"unknown width {width!r}; configured widths: {self.widths}")
+        return self.dim // width
+
+
+def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm`` applied to the first ``x.shape[-1]`` channels only."""
+    d = x.shape[-1]
+    return F.layer_norm(x, (d,), norm.weight[:d], norm.bias[:d], norm.eps)
+
+
+def read_stream(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A layer reading the stream: first ``d`` input columns, every output."""
+    return F.linear(x, linear.weight[:, : x.shape[-1]], linear.bias)
+
+
+def write_stream(linear: nn.Linear, x: torch.Tensor, d: int) -> torch.Tensor:
+    """A layer writing the stream: every input, first ``d`` outputs."""
+    return F.linear(x, linear.weight[:d], linear.bias[:d])
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block whose stream width is a call argument."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.attn_out = nn.Linear(cfg.dim, cfg.dim)
+        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.mlp_in = nn.Linear(cfg.dim, cfg.mlp_dim)
+        self.mlp_out = nn.Linear(cfg.mlp_dim, cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, N, d]`` -> ``[B, N, d]``, where ``d`` is the sub-model's stream width."""
+        b, n, d = x.shape
+        q, k, v = read_stream(self.qkv, layer_norm(self.norm1, x)).chunk(3, dim=-1)  # 3 x [B, N, D]
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))  # [B, H, N, D/H]
+        attn = F.scaled_dot_product_attention(q, k, v)
+        attn = attn.transpose(1, 2).reshape(b, n, -1)  # [B, N, D]
+        x = x + write_stream(self.attn_out, attn, d)
+        hidden = F.gelu(read_stream(self.mlp_in, layer_norm(self.norm2, x)))  # [B, N, mlp_dim]
+        return x + write_stream(self.mlp_out, hidden, d)
+
+
+class NestedTransformer(nn.Module):
+    """Class-conditional masked-token predictor; ``model(tokens, labels, width=p)`` -> logits ``[B, N, V]``."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.token_emb = nn.Embedding(cfg.codebook_size + 1, cfg.dim)  # + [MASK]
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, cfg.dim)  # + null class
+        self.pos_emb = nn.Parameter(torch.zeros(cfg.num_tokens, cfg.dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.codebook_size)
+        self.apply(self._init_weights)
+        nn.init.trunc_normal_(self.pos_emb, std=0.02)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def embed(self, tokens: torch.Tensor, labels: torch.Tensor, d: int) -> torch.Tensor:
+        """Token + position + class embeddings, first ``d`` channels: ``[B, N]`` -> ``[B, N, d]``."""
+        token = self.token_emb.weight[tokens, :d]  # [B, N, d]
+        position = self.pos_emb[None, : tokens.shape[1], :d]  # [1, N, d]
+        label = self.class_emb.weight[labels, None, :d]  # [B, 1, d]
+        return token + position + label
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, width: int) -> torch.Tensor:
+        """Logits ``[B, N, V]`` of sub-model m_width for token ids ``[B, N]`` and labels ``[B]``."""
+        if tokens.shape[1] != self.cfg.num_tokens:
+            raise ValueError(f"expected {self.cfg.num_tokens} tokens per item, got {tokens.shape[1]}")
+        d = self.cfg.stream_width(width)
+        x = self.embed(tokens, labels, d)
+        for block in self.blocks:
+            x = block(x)
+        return read_stream(self.head, layer_norm(self.norm, x))
