@@ -62,7 +62,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 @pytest.fixture
 def tiny_cfg(fake_fmnist: Path, tmp_path: Path) -> DictConfig:
-    """The real default experiment, shrunk: synthetic data, tiny tokenizer, outputs in tmp_path."""
+    """The real default experiment, shrunk: synthetic data, tiny tokenizer and model, outputs in tmp_path."""
     return compose_config(
         [
             "experiment=fmnist",
@@ -75,5 +75,13 @@ def tiny_cfg(fake_fmnist: Path, tmp_path: Path) -> DictConfig:
             "data.batch_size=16",
             "tokenize.batch_size=32",
             "progress_refresh_rate=0",
+            "model=tiny",
+            f"run_dir={tmp_path / 'runs' / 'fmnist' / 'run1'}",
+            "maskgit.batch_size=16",
+            "maskgit.checkpoint_every=2",
+            "maskgit.trainer.max_steps=4",
+            "maskgit.trainer.val_check_interval=2",
+            "trainer.log_every_n_steps=1",
+            "maskgit.module.warmup_steps=1",
         ]
     )

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from magnets.data.shards import ShardError, ShardMeta, TokenDataModule, open_shard, write_shard
+from magnets.data.shards import (
+    SeededTokenBatches,
+    ShardError,
+    ShardMeta,
+    TokenDataModule,
+    TokenDataset,
+    open_shard,
+    write_shard,
+)
 
 
 def make_meta(count=10, grid=(2, 3), codebook_size=512, split="train"):
@@ -108,7 +116,30 @@ def test_token_datamodule_batches(tmp_path):
     tokens, labels = next(iter(dm.train_dataloader()))
     assert tokens.shape == (4, 6) and tokens.dtype == torch.int64 and labels.shape == (4,)
     assert sum(len(t) for t, _ in dm.val_dataloader()) == 10
-    assert len(dm.train_dataloader()) == 2  # drop_last on the shuffled train split
+
+
+def test_seeded_batches_resume_at_any_step_and_split_across_processes(tmp_path):
+    write_random(tmp_path / "train", make_meta(count=24))
+    dataset = TokenDataset(tmp_path / "train")
+
+    def first_batches(start, n=5, **kwargs):
+        batches = iter(SeededTokenBatches(dataset, batch_size=4, seed=7, start_step=lambda: start, **kwargs))
+        return [next(batches) for _ in range(n)]
+
+    unbroken = first_batches(0, n=9)
+    resumed = first_batches(4)
+    for (a_tokens, a_labels), (b_tokens, b_labels) in zip(unbroken[4:], resumed, strict=True):
+        assert torch.equal(a_tokens, b_tokens) and torch.equal(a_labels, b_labels)
+    # 6 steps per epoch: every item once per epoch, another order in the next epoch.
+    source = SeededTokenBatches(dataset, batch_size=4, seed=7)
+    epoch0 = np.concatenate([source.batch_indices(s) for s in range(6)])
+    assert sorted(epoch0.tolist()) == list(range(24))
+    assert not np.array_equal(source.batch_indices(0), source.batch_indices(6))
+    # Two processes: disjoint halves of each global batch of 2 x 4.
+    ranks = [SeededTokenBatches(dataset, batch_size=4, seed=7, rank=r, world_size=2) for r in (0, 1)]
+    assert not set(ranks[0].batch_indices(0)) & set(ranks[1].batch_indices(0))
+    with pytest.raises(ValueError, match="cannot fill one global batch"):
+        SeededTokenBatches(dataset, batch_size=16, seed=0, world_size=2)
 
 
 def test_write_refuses_codebooks_beyond_uint16(tmp_path):

@@ -36,8 +36,15 @@ def test_train_then_rerun_skips(tiny_cfg):
     assert (tokens[:100] != tokens[100:]).any()  # flipped images give other tokens
     assert any(p.name.startswith("events.out.tfevents") for p in (ckpt.parent / "tensorboard").iterdir())
 
+    maskgit = torch.load(out["maskgit"]["checkpoint"], map_location="cpu", weights_only=False)
+    assert maskgit["global_step"] == tiny_cfg.maskgit.trainer.max_steps
+    assert maskgit["config"]["model"] == {"size": "tiny", "widths": [8, 4, 2, 1]}
+    assert maskgit["hyper_parameters"]["model"]["codebook_size"] == 64
+    assert {f"val/loss/p{p}" for p in (8, 4, 2, 1)} <= set(out["maskgit"]["metrics"])
+
     mtimes = {p: p.stat().st_mtime_ns for p in [ckpt] + [out["shards"][s] / "tokens.npy" for s in counts]}
-    train(tiny_cfg)  # second run: everything up to date
+    tiny_cfg.maskgit.trainer.max_steps = 0  # second run: tokenizer and shards up to date
+    train(tiny_cfg)
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
 
@@ -59,7 +66,7 @@ def test_crashed_tokenizer_training_resumes_where_it_stopped(tiny_cfg, monkeypat
     monkeypatch.setattr(TokenizerModule, "training_step", crash_at_step_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(tiny_cfg)
-    last = Path(tiny_cfg.tokenizer.dir) / "checkpoints" / "last.ckpt"
+    last = Path(tiny_cfg.tokenizer.dir) / "checkpoints" / "interrupted.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 3  # saved at the crash
     assert not (Path(tiny_cfg.tokenizer.dir) / "tokenizer.ckpt").exists()
 
@@ -73,5 +80,6 @@ def test_crashed_tokenizer_training_resumes_where_it_stopped(tiny_cfg, monkeypat
     monkeypatch.setattr(TokenizerModule, "training_step", step)
     monkeypatch.setattr(L.Trainer, "fit", recording_fit)
     out = train(tiny_cfg)
-    assert resumed_from == [last]
+    assert resumed_from[0] == last
     assert torch.load(out["tokenizer"], map_location="cpu", weights_only=False)["global_step"] == 4
+    assert not last.exists()  # removed once the resumed run finished

@@ -1,11 +1,13 @@
-"""Train an experiment end to end: VQ tokenizer, then token shards of every split.
+"""Train an experiment end to end: VQ tokenizer, token shards of every split, nested MaskGIT.
 
     python -m magnets.train experiment=NAME [hydra overrides]      (make train EXP=NAME ARGS="...")
 
 Each stage is skipped when its output exists and matches the config: the
 tokenizer when ``<tokenizer.dir>/tokenizer.ckpt`` exists (an interrupted
 tokenizer run resumes from ``checkpoints/last.ckpt``), a token shard when it
-holds this tokenizer's tokens.
+holds this tokenizer's tokens. The nested MaskGIT stage writes to the run
+directory (``run_dir``); ``resume=last`` continues the newest run of the
+experiment from its last checkpoint (step, optimizer, LR schedule).
 """
 
 from __future__ import annotations
@@ -19,14 +21,24 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.callbacks import (
+    EMAWeightAveraging,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    OnExceptionCheckpoint,
+    TQDMProgressBar,
+)
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from magnets.data.images import build_image_datamodule
+from magnets.data.images import IMAGE_DATAMODULES, build_image_datamodule
+from magnets.data.shards import TokenDataModule
 from magnets.lit.callbacks import ConfigInCheckpoint
+from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.lit.tokenizer import TokenizerModule
+from magnets.models.transformer import MODEL_SIZES
+from magnets.models.vq import VQConfig
 from magnets.tokenize import tokenize
 
 log = logging.getLogger(__name__)
@@ -42,6 +54,50 @@ def check_tokenizer_matches(checkpoint: Path, model_cfg: dict[str, Any]) -> None
             f"saved {[(saved or {}).get(k) for k in diffs]}, configured {[model_cfg.get(k) for k in diffs]}). "
             "Give the tokenizer a new tokenizer.name, or delete that checkpoint to retrain it."
         )
+
+
+LOGGERS = ("tensorboard", "csv")
+
+
+def build_logger(kind: str, out_dir: Path) -> TensorBoardLogger | CSVLogger:
+    """The ``logger`` group's logger, writing into ``out_dir/<kind>``."""
+    if kind == "tensorboard":
+        return TensorBoardLogger(out_dir, name="tensorboard", version="", default_hp_metric=False)
+    if kind == "csv":
+        return CSVLogger(out_dir, name="csv", version="")
+    raise ValueError(f"unknown logger {kind!r}; valid: {list(LOGGERS)}")
+
+
+def newest_checkpoint(pattern_root: Path, pattern: str = "checkpoints") -> Path | None:
+    """The most recent ``last.ckpt`` or ``interrupted.ckpt`` under ``pattern_root/pattern``, if any."""
+    candidates = [p for name in ("last.ckpt", "interrupted.ckpt") for p in pattern_root.glob(f"{pattern}/{name}")]
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def stage_trainer(
+    cfg: DictConfig, out_dir: Path, stage_args: DictConfig, checkpoint_every: int, callbacks: list[L.Callback] = ()
+) -> L.Trainer:
+    """A Trainer for one stage writing to ``out_dir``: ``checkpoints/``, ``tensorboard/``.
+
+    ``cfg.trainer`` (devices, strategy, precision) and the stage's own
+    arguments (``max_steps``, ...) configure it. ``checkpoints/last.ckpt`` is
+    saved every ``checkpoint_every`` steps and ``checkpoints/interrupted.ckpt``
+    when a run crashes or is interrupted; :func:`newest_checkpoint` picks the
+    later of the two, so a rerun continues from where it stopped.
+    """
+    return L.Trainer(
+        **{**cfg.trainer, **stage_args},  # a stage's own arguments win
+        default_root_dir=out_dir,
+        logger=build_logger(cfg.logger.kind, out_dir),
+        callbacks=[
+            ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=checkpoint_every),
+            # Lightning deletes this one when a run ends normally: it exists only after a crash or Ctrl-C.
+            OnExceptionCheckpoint(dirpath=out_dir / "checkpoints", filename="interrupted"),
+            ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)),
+            TQDMProgressBar(refresh_rate=cfg.progress_refresh_rate),
+            *callbacks,
+        ],
+    )
 
 
 def fit_tokenizer(cfg: DictConfig) -> Path:
@@ -61,25 +117,10 @@ def fit_tokenizer(cfg: DictConfig) -> Path:
     # Plain containers, so that checkpoints hold no OmegaConf objects.
     optim, codebook = (OmegaConf.to_container(cfg.tokenizer[key], resolve=True) for key in ("optim", "codebook"))
     module = TokenizerModule(model=model_cfg, **optim, **codebook, content_size=datamodule.content_size)
-    last = tok_dir / "checkpoints" / "last.ckpt"
-    trainer = L.Trainer(
-        **cfg.trainer,
-        **cfg.tokenizer.trainer,
-        default_root_dir=tok_dir,
-        logger=TensorBoardLogger(tok_dir, name="tensorboard", version="", default_hp_metric=False),
-        callbacks=[
-            ModelCheckpoint(
-                dirpath=tok_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.tokenizer.checkpoint_every
-            ),
-            # Ctrl-C or a crash saves the state reached, as last.ckpt: a rerun continues from it.
-            OnExceptionCheckpoint(dirpath=tok_dir / "checkpoints", filename="last"),
-            ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)),
-            TQDMProgressBar(refresh_rate=cfg.progress_refresh_rate),
-        ],
-    )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.exists() else None)
+    trainer = stage_trainer(cfg, tok_dir, cfg.tokenizer.trainer, cfg.tokenizer.checkpoint_every)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=newest_checkpoint(tok_dir))
     if not trainer.state.finished:
-        raise RuntimeError(f"tokenizer training stopped early ({trainer.state.status}); rerun to resume from {last}")
+        raise RuntimeError(f"tokenizer training stopped early ({trainer.state.status}); rerun to resume it")
     (test_metrics,) = trainer.test(module, datamodule=datamodule)
 
     tmp = final.with_name(f".{final.name}.partial")
@@ -92,6 +133,75 @@ def fit_tokenizer(cfg: DictConfig) -> Path:
     return final
 
 
+def maskgit_model_config(cfg: DictConfig) -> dict[str, Any]:
+    """Transformer config: the size's dimensions, the widths, and what the tokenizer and data fix."""
+    if cfg.model.size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {cfg.model.size!r}; valid: {list(MODEL_SIZES)}")
+    grid = VQConfig(**cfg.tokenizer.model).grid_size
+    return {
+        **MODEL_SIZES[cfg.model.size],
+        "widths": list(cfg.model.widths),
+        "codebook_size": cfg.tokenizer.model.codebook_size,
+        "num_tokens": grid * grid,
+        "num_classes": IMAGE_DATAMODULES[cfg.data.name].num_classes,
+    }
+
+
+def resume_checkpoint(cfg: DictConfig) -> Path | None:
+    """The checkpoint ``cfg.resume`` names: null, ``last`` (newest of this experiment) or a path."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "last":
+        experiment_dir = Path(cfg.paths.runs, cfg.name)
+        newest = newest_checkpoint(experiment_dir, "*/checkpoints")
+        if newest is None:
+            raise FileNotFoundError(f"resume=last: no {experiment_dir}/*/checkpoints/last.ckpt to resume from")
+        return newest
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint (valid: null, last, or a checkpoint path)")
+    return path
+
+
+def fit_maskgit(cfg: DictConfig) -> dict[str, Any]:
+    """Train the nested MaskGIT transformer on the token shards.
+
+    Returns the trained ``module``, its ``checkpoint`` path and held-out ``metrics``.
+    """
+    run_dir = Path(cfg.run_dir)
+    model_cfg = maskgit_model_config(cfg)
+    max_steps = cfg.maskgit.trainer.max_steps
+    module = NestedMaskGITModule(
+        model=model_cfg,
+        distill=cfg.distill.mode,
+        alpha_decay_steps=max(1, round(cfg.distill.alpha_decay_fraction * max_steps)),
+        seed=cfg.seed,
+        **OmegaConf.to_container(cfg.maskgit.module, resolve=True),
+    )
+    grid = VQConfig(**cfg.tokenizer.model).grid_size
+    datamodule = TokenDataModule(
+        cfg.tokenize.out_dir,
+        codebook_size=model_cfg["codebook_size"],
+        grid=[grid, grid],
+        batch_size=cfg.maskgit.batch_size,
+        num_workers=cfg.maskgit.num_workers,
+        seed=cfg.seed,
+    )
+    callbacks: list[L.Callback] = [LearningRateMonitor(logging_interval="step")]
+    if cfg.maskgit.ema_decay is not None:
+        callbacks.append(EMAWeightAveraging(decay=cfg.maskgit.ema_decay))
+    trainer = stage_trainer(cfg, run_dir, cfg.maskgit.trainer, cfg.maskgit.checkpoint_every, callbacks)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg))
+    if not trainer.state.finished:
+        raise RuntimeError(f"training stopped early ({trainer.state.status}); rerun with resume=last to continue")
+    (val_metrics,) = trainer.validate(module, datamodule=datamodule)
+    final = run_dir / "checkpoints" / "last.ckpt"
+    if trainer.is_global_zero:
+        (run_dir / "metrics.json").write_text(json.dumps({k: float(v) for k, v in val_metrics.items()}, indent=2) + "\n")
+        log.info("held-out masked-token metrics: %s", val_metrics)
+    return {"module": module, "checkpoint": final, "metrics": val_metrics}
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run every stage of the experiment; returns the outputs of each stage."""
     L.seed_everything(cfg.seed, workers=True)
@@ -101,7 +211,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         shards = tokenize(cfg)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return {"tokenizer": tokenizer_ckpt, "shards": shards}
+    L.seed_everything(cfg.seed, workers=True)
+    maskgit = fit_maskgit(cfg)
+    return {"tokenizer": tokenizer_ckpt, "shards": shards, "maskgit": maskgit}
 
 
 @hydra.main(config_path="../../conf", config_name="config", version_base="1.3")

@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 FORMAT_VERSION = 1
 
@@ -73,8 +73,9 @@ def write_shard(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
     try:
-        tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.uint16, shape=(meta.count, meta.tokens_per_item))
-        labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.int64, shape=(meta.count,))
+        shape = (meta.count, meta.tokens_per_item)
+        tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.uint16, shape=shape)
+        labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.int64, shape=shape[:1])
         fill(tokens, labels)
         tokens.flush()
         labels.flush()
@@ -104,7 +105,11 @@ def read_meta(directory: str | Path) -> ShardMeta:
 
 def check_meta(meta: ShardMeta, directory: str | Path, expected: dict[str, object]) -> None:
     """Raise naming every field of ``meta`` that differs from ``expected``."""
-    diffs = [f"{key}: shard has {getattr(meta, key)!r}, expected {value!r}" for key, value in expected.items() if getattr(meta, key) != value]
+    diffs = [
+        f"{key}: shard has {getattr(meta, key)!r}, expected {value!r}"
+        for key, value in expected.items()
+        if getattr(meta, key) != value
+    ]
     if diffs:
         raise ShardError(f"token shard {directory} does not match: " + "; ".join(diffs))
 
@@ -121,7 +126,8 @@ def open_shard(directory: str | Path, **expected: object) -> tuple[np.memmap, np
     labels = np.load(Path(directory) / "labels.npy", mmap_mode="r")
     if tokens.dtype != np.uint16 or tokens.shape != (meta.count, meta.tokens_per_item):
         raise ShardError(
-            f"{directory}/tokens.npy is {tokens.dtype} {list(tokens.shape)}, meta.json says uint16 [{meta.count}, {meta.tokens_per_item}]"
+            f"{directory}/tokens.npy is {tokens.dtype} {list(tokens.shape)}, "
+            f"meta.json says uint16 [{meta.count}, {meta.tokens_per_item}]"
         )
     if labels.shape != (meta.count,):
         raise ShardError(f"{directory}/labels.npy has shape {list(labels.shape)}, meta.json says [{meta.count}]")
@@ -141,8 +147,61 @@ class TokenDataset(Dataset):
         return torch.from_numpy(self.tokens[index].astype(np.int64)), torch.tensor(int(self.labels[index]))
 
 
+class SeededTokenBatches(IterableDataset):
+    """Endless training batches where the batch of step ``s`` depends only on ``(seed, s)``.
+
+    Epoch ``e`` visits the items in a permutation seeded by ``(seed, e)``;
+    each of ``world_size`` processes takes its own slice of every global
+    batch. Iteration starts at ``start_step()``, read when iteration begins,
+    so a run resumed from a checkpoint sees exactly the batches the unbroken
+    run would have seen.
+    """
+
+    def __init__(
+        self,
+        dataset: TokenDataset,
+        batch_size: int,
+        seed: int,
+        start_step: Callable[[], int] = lambda: 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_step = start_step
+        self.rank = rank
+        self.world_size = world_size
+        self.steps_per_epoch = len(dataset) // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(dataset)} items cannot fill one global batch of {batch_size} x {world_size} processes; "
+                "lower the batch size"
+            )
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        """Indices of this process's items at ``step``."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+        start = (index * self.world_size + self.rank) * self.batch_size
+        return np.sort(order[start : start + self.batch_size])  # sorted: sequential memmap reads
+
+    def __iter__(self):
+        step = self.start_step()
+        while True:
+            idx = self.batch_indices(step)
+            tokens = torch.from_numpy(self.dataset.tokens[idx].astype(np.int64))  # [B, N]
+            labels = torch.from_numpy(np.asarray(self.dataset.labels[idx], dtype=np.int64))  # [B]
+            yield tokens, labels
+            step += 1
+
+
 class TokenDataModule(L.LightningDataModule):
-    """Token shards ``<root>/<split>`` for ``train``, ``val`` and ``test``, checked against the model."""
+    """Token shards ``<root>/<split>`` for ``train``, ``val`` and ``test``, checked against the model.
+
+    Training batches are :class:`SeededTokenBatches`, resumable at any step;
+    evaluation batches walk the split in order.
+    """
 
     def __init__(
         self,
@@ -151,31 +210,40 @@ class TokenDataModule(L.LightningDataModule):
         grid: list[int],
         batch_size: int = 256,
         num_workers: int = 0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.root = Path(root)
         self.expected = {"codebook_size": codebook_size, "grid": list(grid)}
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.seed = seed
 
     def dataset(self, split: str) -> TokenDataset:
         return TokenDataset(self.root / split, **self.expected)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         return DataLoader(
             self.dataset(split),
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        trainer = self.trainer
+        batches = SeededTokenBatches(
+            self.dataset("train"),
+            self.batch_size,
+            self.seed,
+            start_step=(lambda: trainer.global_step) if trainer is not None else (lambda: 0),
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+        )
+        return DataLoader(batches, batch_size=None)  # already batched; one process reads (memmap)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")

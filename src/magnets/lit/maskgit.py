@@ -40,6 +40,7 @@ class NestedMaskGITModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.96),
         weight_decay: float = 0.045,
         warmup_steps: int = 100,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if distill not in DISTILL_MODES:
@@ -79,10 +80,16 @@ class NestedMaskGITModule(L.LightningModule):
             out[p] = (loss, (logits.argmax(-1) == targets[mask]).float().mean())
         return out
 
+    def step_generator(self, device: torch.device) -> torch.Generator:
+        """Randomness of one training step, a function of (seed, step, rank) only: resumed runs repeat it exactly."""
+        seed = (self.hparams.seed * 1_000_003 + self.global_step) * 4099 + self.global_rank
+        return torch.Generator(device=device).manual_seed(seed)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         tokens, labels = batch
-        inputs, mask = self._mask(tokens)
-        drop = torch.rand(labels.shape, device=labels.device) < self.hparams.label_dropout
+        generator = self.step_generator(tokens.device)
+        inputs, mask = self._mask(tokens, generator)
+        drop = torch.rand(labels.shape, generator=generator, device=labels.device) < self.hparams.label_dropout
         labels = labels.masked_fill(drop, self.model.cfg.null_class)
         alpha = self.alpha()
         losses = self.width_losses(inputs, tokens, mask, labels, alpha)

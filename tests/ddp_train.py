@@ -1,0 +1,26 @@
+"""Runs the shrunk default experiment under trainer=ddp; each rank saves its final MaskGIT weights.
+
+    python tests/ddp_train.py OUT_DIR HYDRA_OVERRIDE...
+
+Lightning's launcher re-runs this same command for rank 1, so both ranks
+execute it; rank r writes OUT_DIR/rank{r}.pt.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import compose_config  # noqa: E402
+from magnets.data import fashion_mnist  # noqa: E402
+from magnets.train import train  # noqa: E402
+
+fashion_mnist.PAYLOAD_SHA256 = json.loads(os.environ["TEST_PAYLOAD_SHA256"])
+
+out_dir, overrides = Path(sys.argv[1]), sys.argv[2:]
+result = train(compose_config(overrides))
+rank = int(os.environ.get("LOCAL_RANK", "0"))
+torch.save(result["maskgit"]["module"].state_dict(), out_dir / f"rank{rank}.pt")

@@ -1,0 +1,164 @@
+"""Nested MaskGIT training: masking, distillation losses, optimizer groups, resume, DDP."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from magnets.data import fashion_mnist
+from magnets.lit.maskgit import NestedMaskGITModule
+from magnets.masking import mask_ratio, random_training_mask
+from magnets.train import train
+
+MODEL = dict(codebook_size=16, num_tokens=8, num_classes=3, dim=32, depth=1, heads=1, mlp_dim=32, widths=[8, 4, 2, 1])
+
+
+def test_mask_ratio_schedules():
+    for schedule in ("cosine", "linear", "square_root", "arccos"):
+        assert mask_ratio(0.0, schedule) == pytest.approx(1.0) and mask_ratio(1.0, schedule) == pytest.approx(0.0)
+        assert mask_ratio(0.3, schedule) > mask_ratio(0.6, schedule)
+    assert mask_ratio(0.5, "cosine") == pytest.approx(math.cos(math.pi / 4))
+    with pytest.raises(ValueError, match=r"unknown mask schedule 'exp'; valid: \['arccos', 'cosine', 'linear', 'square_root'\]"):
+        mask_ratio(0.5, "exp")
+
+
+def test_training_mask_masks_at_least_one_and_is_seeded():
+    masks = random_training_mask(500, 8, generator=torch.Generator().manual_seed(0))
+    counts = masks.sum(1)
+    assert counts.min() >= 1 and counts.max() <= 8
+    assert (counts == 8).any() and (counts < 4).any()  # ratios spread over the cosine schedule
+    again = random_training_mask(500, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(masks, again)
+
+
+def losses_for(distill: str, alpha: float) -> dict[int, float]:
+    torch.manual_seed(0)
+    module = NestedMaskGITModule(model=MODEL, distill=distill)
+    tokens = torch.randint(0, 16, (4, 8))
+    mask = torch.zeros(4, 8, dtype=torch.bool)
+    mask[:, :5] = True
+    inputs = tokens.masked_fill(mask, 16)
+    out = module.width_losses(inputs, tokens, mask, torch.zeros(4, dtype=torch.long), alpha)
+    return {p: loss.item() for p, (loss, _) in out.items()}
+
+
+def test_distillation_changes_only_the_smaller_widths():
+    gt = losses_for("none", alpha=0.0)
+    distilled = losses_for("progressive", alpha=0.0)
+    assert distilled[1] == gt[1]  # m_1 always learns from the ground truth
+    assert all(distilled[p] != gt[p] for p in (2, 4, 8))
+    assert losses_for("progressive", alpha=1.0) == gt  # alpha = 1: ground truth only
+
+
+def test_soft_targets_are_detached():
+    module = NestedMaskGITModule(model=MODEL, distill="progressive")
+    tokens = torch.randint(0, 16, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    losses = module.width_losses(tokens.masked_fill(mask, 16), tokens, mask, torch.zeros(2, dtype=torch.long), alpha=0.0)
+    losses[8][0].backward()  # m_8's loss against m_4's soft targets
+    head = module.model.head.weight.grad
+    assert head[:, 4:].abs().max() == 0  # nothing flows into m_4's extra columns through the teacher
+
+
+def test_alpha_decays_linearly_and_unknown_distill_is_refused():
+    module = NestedMaskGITModule(model=MODEL, alpha_decay_steps=10)
+    assert module.alpha() == 1.0
+    with pytest.raises(ValueError, match=r"unknown distill mode 'self'; valid: \['progressive', 'none'\]"):
+        NestedMaskGITModule(model=MODEL, distill="self")
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    module = NestedMaskGITModule(model=MODEL)
+    module.trainer = L.Trainer(max_steps=10, logger=False)
+    optimizer = module.configure_optimizers()["optimizer"]
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {name for name, p in module.model.named_parameters() if id(p) in decayed}
+    assert names and all(name.endswith(".weight") and "norm" not in name and "emb" not in name for name in names)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(module.model.parameters()))
+
+
+def record_losses(monkeypatch) -> list[tuple[int, float]]:
+    """Patch the training step to record (global step, loss) pairs."""
+    seen: list[tuple[int, float]] = []
+    step = NestedMaskGITModule.training_step
+
+    def recording_step(self, batch, batch_idx):
+        loss = step(self, batch, batch_idx)
+        seen.append((self.global_step, loss.item()))
+        return loss
+
+    monkeypatch.setattr(NestedMaskGITModule, "training_step", recording_step)
+    return seen
+
+
+def test_single_width_plain_maskgit_trains(tiny_cfg, monkeypatch):
+    tiny_cfg.model.widths = [1]
+    tiny_cfg.distill.mode = "none"
+    out = train(tiny_cfg)
+    assert set(k for k in out["maskgit"]["metrics"] if k.startswith("val/loss/")) == {"val/loss/p1"}
+
+
+def test_killed_and_resumed_run_continues_the_unbroken_loss_curve(tiny_cfg, tmp_path):
+    tiny_cfg.maskgit.trainer.max_steps = 6
+    with pytest.MonkeyPatch.context() as patch:
+        unbroken = record_losses(patch)
+        train(tiny_cfg)
+
+    tiny_cfg.name = "resumed"
+    tiny_cfg.run_dir = str(tmp_path / "runs" / "resumed" / "first")
+    step = NestedMaskGITModule.training_step
+
+    def crash_at_step_3(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise RuntimeError("simulated kill")
+        return step(self, batch, batch_idx)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError, match="simulated kill"):
+        patch.setattr(NestedMaskGITModule, "training_step", crash_at_step_3)
+        train(tiny_cfg)
+
+    tiny_cfg.resume = "last"
+    tiny_cfg.run_dir = str(tmp_path / "runs" / "resumed" / "second")
+    with pytest.MonkeyPatch.context() as patch:
+        resumed = record_losses(patch)
+        out = train(tiny_cfg)
+    assert [s for s, _ in resumed] == [s for s, _ in unbroken[3:]] == [3, 4, 5]
+    assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in unbroken[3:]], rel=1e-6)
+    assert torch.load(out["maskgit"]["checkpoint"], weights_only=False)["global_step"] == 6
+
+
+def test_resume_names_what_is_missing(tiny_cfg):
+    tiny_cfg.resume = "last"
+    with pytest.raises(FileNotFoundError, match="resume=last: no .*checkpoints/last.ckpt to resume from"):
+        train(tiny_cfg)
+
+
+def test_two_process_ddp_run_keeps_ranks_identical(fake_fmnist, tmp_path):
+    overrides = [
+        "experiment=fmnist", "tokenizer=tiny", "model=tiny", "trainer=ddp",
+        "trainer.accelerator=cpu", "trainer.devices=2", "progress_refresh_rate=0",
+        f"paths.runs={tmp_path / 'runs'}", f"run_dir={tmp_path / 'runs' / 'ddp'}",
+        f"data.root={fake_fmnist}", "data.search_debian=false", "data.download_url=file:///nonexistent/",
+        "data.val_size=20", "data.batch_size=8", "tokenize.batch_size=32",
+        "maskgit.batch_size=8", "maskgit.trainer.max_steps=3", "maskgit.trainer.val_check_interval=3",
+        "maskgit.module.warmup_steps=1",
+    ]  # fmt: skip
+    # The synthetic files' checksums are patched in this process only: the workers get them too.
+    env = {**os.environ, "TEST_PAYLOAD_SHA256": json.dumps(fashion_mnist.PAYLOAD_SHA256)}
+    script = Path(__file__).with_name("ddp_train.py")
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), *overrides], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # each rank saw other batches: gradients were synced
+    checkpoint = torch.load(tmp_path / "runs" / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 3
+    assert all(torch.equal(checkpoint["state_dict"][k], rank0[k]) for k in rank0)
