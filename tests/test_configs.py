@@ -20,7 +20,7 @@ def test_experiment_group_is_the_experiments_folder():
 
 @pytest.mark.parametrize("group, option", OPTIONS)
 def test_every_group_option_composes(group, option, tmp_path):
-    cfg = compose_config([f"{group}={option}", f"paths.runs={tmp_path}"])
+    cfg = compose_config([f"{group}={option}", f"paths.runs={tmp_path}", f"run_dir={tmp_path}/run"])
     OmegaConf.resolve(cfg)
     if group == "tokenizer":
         VQConfig(**cfg.tokenizer.model)
@@ -29,7 +29,7 @@ def test_every_group_option_composes(group, option, tmp_path):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(experiment, tmp_path):
-    cfg = compose_config([f"experiment={experiment}", f"paths.runs={tmp_path}"])
+    cfg = compose_config([f"experiment={experiment}", f"paths.runs={tmp_path}", f"run_dir={tmp_path}/run"])
     OmegaConf.resolve(cfg)
     assert cfg.name == experiment
     VQConfig(**cfg.tokenizer.model)

@@ -110,8 +110,8 @@ def test_datamodule_split_is_deterministic_and_disjoint(fake_fmnist):
 
 
 def test_build_image_datamodule_names_valid_datasets(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown image dataset 'mnist'; valid: \['fmnist'\]"):
-        build_image_datamodule({"name": "mnist", "root": str(tmp_path)})
+    with pytest.raises(ValueError, match=r"no image datamodule for dataset 'mnist'; valid: \['fmnist'\]"):
+        build_image_datamodule({"name": "mnist", "module": {"root": str(tmp_path)}})
 
 
 @pytest.mark.skipif(not fashion_mnist.DEBIAN_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")

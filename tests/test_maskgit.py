@@ -144,8 +144,8 @@ def test_two_process_ddp_run_keeps_ranks_identical(fake_fmnist, tmp_path):
         "experiment=fmnist", "tokenizer=tiny", "model=tiny", "trainer=ddp",
         "trainer.accelerator=cpu", "trainer.devices=2", "progress_refresh_rate=0",
         f"paths.runs={tmp_path / 'runs'}", f"run_dir={tmp_path / 'runs' / 'ddp'}",
-        f"data.root={fake_fmnist}", "data.search_debian=false", "data.download_url=file:///nonexistent/",
-        "data.val_size=20", "data.batch_size=8", "tokenize.batch_size=32",
+        f"data.module.root={fake_fmnist}", "data.module.search_debian=false", "data.module.download_url=file:///nonexistent/",
+        "data.module.val_size=20", "data.module.batch_size=8", "tokenize.batch_size=32",
         "maskgit.batch_size=8", "maskgit.trainer.max_steps=3", "maskgit.trainer.val_check_interval=3",
         "maskgit.module.warmup_steps=1",
     ]  # fmt: skip

@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import compose_config
 from magnets.data.shards import open_shard
 from magnets.lit.tokenizer import TokenizerModule
 from magnets.tokenize import file_sha256
@@ -83,3 +84,11 @@ def test_crashed_tokenizer_training_resumes_where_it_stopped(tiny_cfg, monkeypat
     assert resumed_from[0] == last
     assert torch.load(out["tokenizer"], map_location="cpu", weights_only=False)["global_step"] == 4
     assert not last.exists()  # removed once the resumed run finished
+
+
+@pytest.mark.parametrize("experiment", ["imagenet_s", "imagenet_b"])
+def test_paper_scale_presets_fail_fast_naming_the_missing_shards(experiment, tmp_path):
+    cfg = compose_config([f"experiment={experiment}", f"paths.data={tmp_path / 'data'}", f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/data/imagenet/tokens/train, .*/tokens/val holds none"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()  # failed before any work

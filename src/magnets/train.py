@@ -32,7 +32,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from magnets.data.images import IMAGE_DATAMODULES, build_image_datamodule
+from magnets.data.images import build_image_datamodule
 from magnets.data.shards import TokenDataModule
 from magnets.lit.callbacks import ConfigInCheckpoint
 from magnets.lit.maskgit import NestedMaskGITModule
@@ -143,7 +143,7 @@ def maskgit_model_config(cfg: DictConfig) -> dict[str, Any]:
         "widths": list(cfg.model.widths),
         "codebook_size": cfg.tokenizer.model.codebook_size,
         "num_tokens": grid * grid,
-        "num_classes": IMAGE_DATAMODULES[cfg.data.name].num_classes,
+        "num_classes": cfg.data.num_classes,
     }
 
 
@@ -202,15 +202,30 @@ def fit_maskgit(cfg: DictConfig) -> dict[str, Any]:
     return {"module": module, "checkpoint": final, "metrics": val_metrics}
 
 
+def check_pretokenized(cfg: DictConfig) -> None:
+    """Fail fast, naming the path, when a pre-tokenized dataset's shards are not there."""
+    shard_dirs = [Path(cfg.tokenize.out_dir, split) for split in ("train", "val")]
+    missing = [d for d in shard_dirs if not (d / "meta.json").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"experiment {cfg.name!r} trains on pre-tokenized {cfg.data.name} shards, but {', '.join(map(str, missing))} "
+            "holds none (tokens.npy, labels.npy, meta.json). Tokenize the dataset into that folder, or point "
+            "tokenize.out_dir=/path/to/shards at where they are."
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run every stage of the experiment; returns the outputs of each stage."""
     L.seed_everything(cfg.seed, workers=True)
-    tokenizer_ckpt = fit_tokenizer(cfg)
-    shards = {}
-    if rank_zero_only.rank == 0:  # one process writes the shards; the others wait for it
-        shards = tokenize(cfg)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    tokenizer_ckpt, shards = None, {}
+    if cfg.data.pretokenized:
+        check_pretokenized(cfg)
+    else:
+        tokenizer_ckpt = fit_tokenizer(cfg)
+        if rank_zero_only.rank == 0:  # one process writes the shards; the others wait for it
+            shards = tokenize(cfg)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
     L.seed_everything(cfg.seed, workers=True)
     maskgit = fit_maskgit(cfg)
     return {"tokenizer": tokenizer_ckpt, "shards": shards, "maskgit": maskgit}

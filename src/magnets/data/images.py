@@ -138,9 +138,8 @@ IMAGE_DATAMODULES = {"fmnist": FashionMNISTDataModule}
 
 
 def build_image_datamodule(cfg: Mapping[str, Any]) -> FashionMNISTDataModule:
-    """The datamodule named by ``cfg['name']``, built from the rest of ``cfg`` (the ``data`` config group)."""
-    kwargs = dict(cfg)
-    name = kwargs.pop("name")
+    """The datamodule named by ``cfg['name']``, built from ``cfg['module']`` (the ``data`` config group)."""
+    name = cfg["name"]
     if name not in IMAGE_DATAMODULES:
-        raise ValueError(f"unknown image dataset {name!r}; valid: {sorted(IMAGE_DATAMODULES)}")
-    return IMAGE_DATAMODULES[name](**kwargs)
+        raise ValueError(f"no image datamodule for dataset {name!r}; valid: {sorted(IMAGE_DATAMODULES)}")
+    return IMAGE_DATAMODULES[name](**cfg["module"])
