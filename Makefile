@@ -8,12 +8,12 @@ ARGS ?=
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist
 
-.PHONY: help setup data train tokenize test test-slow lint tb clean
+.PHONY: help setup data train tokenize test test-slow bench-train lint tb clean
 
 help:
 	@echo "make train [EXP=fmnist] [ARGS='hydra overrides']  set up, then train experiment EXP end to end"
 	@echo "make test                                         set up, then run the default test suite"
-	@echo "make tokenize | test-slow | lint | tb | clean"
+	@echo "make tokenize | test-slow | bench-train | lint | tb | clean"
 
 setup: $(STAMP) data
 
@@ -45,6 +45,10 @@ test: setup
 
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow $(ARGS)
+
+# Nested vs single-width training step time (model s, 16x16 tokens); JSON in runs/bench/train.json.
+bench-train: setup
+	$(PY) -m magnets.bench task=train $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests

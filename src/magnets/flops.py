@@ -1,0 +1,35 @@
+"""Analytic FLOPs of the nested transformer (2 FLOPs per multiply-add)."""
+
+from __future__ import annotations
+
+from magnets.models.transformer import TransformerConfig
+
+
+def forward_flops(
+    cfg: TransformerConfig,
+    width: int,
+    queries: int,
+    keys: int | None = None,
+    head_positions: int | None = None,
+) -> int:
+    """FLOPs of one forward pass of sub-model m_width for one sample.
+
+    ``queries`` tokens run through every layer and attend to ``keys``
+    keys/values (default: ``queries``); logits are computed at
+    ``head_positions`` positions (default: ``queries``). Weight products
+    scale with the stream width ``d = dim / width``; attention itself runs at
+    the full width ``dim`` whatever the sub-model. Norms, softmax, GELU and
+    embedding look-ups are left out (under 1% at these sizes).
+    """
+    keys = queries if keys is None else keys
+    head_positions = queries if head_positions is None else head_positions
+    d, D, M = cfg.stream_width(width), cfg.dim, cfg.mlp_dim
+    weights_per_query = 2 * (d * 3 * D + D * d + d * M + M * d)  # qkv, attention out, MLP in, MLP out
+    attention = 2 * 2 * queries * keys * D  # scores Q K^T and the weighted sum of V
+    return cfg.depth * (queries * weights_per_query + attention) + 2 * head_positions * d * cfg.codebook_size
+
+
+def nested_training_flop_ratio(cfg: TransformerConfig) -> float:
+    """Forward FLOPs of all configured widths over the full model's alone, on full sequences."""
+    n = cfg.num_tokens
+    return sum(forward_flops(cfg, p, n) for p in cfg.widths) / forward_flops(cfg, 1, n)

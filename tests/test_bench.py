@@ -1,0 +1,31 @@
+import json
+
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF_DIR
+from magnets.bench import bench_train, write_json
+from magnets.flops import forward_flops, nested_training_flop_ratio
+from magnets.models.transformer import TransformerConfig
+
+
+def test_forward_flops_scale_with_width_and_match_a_hand_count():
+    cfg = TransformerConfig(codebook_size=10, num_tokens=4, num_classes=2, dim=16, depth=1, heads=1, mlp_dim=32)
+    # width 1: qkv 16x48 + out 16x16 + mlp 16x32 + 32x16 per query; attention 2 x 4 x 16 per query; head 16x10.
+    per_query = 2 * (16 * 48 + 16 * 16 + 16 * 32 + 32 * 16) + 2 * 2 * 4 * 16 + 2 * 16 * 10
+    assert forward_flops(cfg, 1, 4) == 4 * per_query
+    assert forward_flops(cfg, 8, 4) < forward_flops(cfg, 4, 4) < forward_flops(cfg, 1, 4)
+    assert nested_training_flop_ratio(cfg) > 1 + 1 / 2 + 1 / 4 + 1 / 8  # attention does not shrink with width
+
+
+def test_bench_train_writes_side_by_side_json(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("bench", overrides=["model=tiny", "batch_size=2", "grid=4", "warmup=0", "repeats=1"])
+    result = bench_train(cfg)
+    path = write_json(result, tmp_path / "bench" / "train.json")
+    saved = json.loads(path.read_text())
+    assert [r["model"] for r in saved["records"]] == ["nested", "single"]
+    assert saved["records"][0]["widths"] == [8, 4, 2, 1] and saved["records"][1]["widths"] == [1]
+    assert all(r["ms_per_step"] > 0 for r in saved["records"])
+    assert saved["time_ratio_nested_vs_single"] == saved["records"][0]["ms_per_step"] / saved["records"][1]["ms_per_step"]
+    assert saved["weight_flops_ratio_nominal"] == 1.875
+    assert [p.name for p in path.parent.iterdir()] == ["train.json"]  # no temporary left
