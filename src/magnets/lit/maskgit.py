@@ -63,14 +63,20 @@ class NestedMaskGITModule(L.LightningModule):
         return tokens.masked_fill(mask, self.model.cfg.mask_id), mask
 
     def width_losses(
-        self, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, alpha: float
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        mask: torch.Tensor,
+        labels: torch.Tensor,
+        alpha: float,
+        label_smoothing: float = 0.0,
     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Per width: (loss, accuracy) on the masked positions."""
         out = {}
         teacher_probs = None
         for p in self.widths:
             logits = self.model(inputs, labels, width=p)[mask]  # [M, V]: masked positions only
-            ce = F.cross_entropy(logits, targets[mask], label_smoothing=self.hparams.label_smoothing)
+            ce = F.cross_entropy(logits, targets[mask], label_smoothing=label_smoothing)
             if teacher_probs is None or self.hparams.distill == "none":
                 loss = ce
             else:
@@ -92,7 +98,7 @@ class NestedMaskGITModule(L.LightningModule):
         drop = torch.rand(labels.shape, generator=generator, device=labels.device) < self.hparams.label_dropout
         labels = labels.masked_fill(drop, self.model.cfg.null_class)
         alpha = self.alpha()
-        losses = self.width_losses(inputs, tokens, mask, labels, alpha)
+        losses = self.width_losses(inputs, tokens, mask, labels, alpha, self.hparams.label_smoothing)
         for p, (loss, acc) in losses.items():
             self.log_dict({f"train/loss/p{p}": loss, f"train/acc/p{p}": acc})
         total = sum(loss for loss, _ in losses.values())
@@ -107,7 +113,7 @@ class NestedMaskGITModule(L.LightningModule):
         self.log("train/tokens_per_s", tokens / max(1e-9, time.perf_counter() - self._step_started))
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """Held-out masked-token prediction with a mask fixed per batch index (the same every epoch)."""
+        """Held-out masked-token cross-entropy (no smoothing) with a mask fixed per batch index."""
         tokens, labels = batch
         generator = torch.Generator(device=tokens.device).manual_seed(batch_idx)
         inputs, mask = self._mask(tokens, generator)
