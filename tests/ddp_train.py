@@ -23,4 +23,6 @@ fashion_mnist.PAYLOAD_SHA256 = json.loads(os.environ["TEST_PAYLOAD_SHA256"])
 out_dir, overrides = Path(sys.argv[1]), sys.argv[2:]
 result = train(compose_config(overrides))
 rank = int(os.environ.get("LOCAL_RANK", "0"))
-torch.save(result["maskgit"]["module"].state_dict(), out_dir / f"rank{rank}.pt")
+module = result["maskgit"]["module"]
+batches = module.trainer.datamodule.train_dataloader().dataset  # this rank's SeededTokenBatches
+torch.save({"state_dict": module.state_dict(), "first_batch": batches.batch_indices(0)}, out_dir / f"rank{rank}.pt")

@@ -69,6 +69,7 @@ def test_soft_targets_are_detached():
 def test_alpha_decays_linearly_and_unknown_distill_is_refused():
     module = NestedMaskGITModule(model=MODEL, alpha_decay_steps=10)
     assert module.alpha() == 1.0
+    assert [module.alpha(step) for step in (0, 5, 10, 20)] == [1.0, 0.5, 0.0, 0.0]
     with pytest.raises(ValueError, match=r"unknown distill mode 'self'; valid: \['progressive', 'none'\]"):
         NestedMaskGITModule(model=MODEL, distill="self")
 
@@ -79,7 +80,8 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     optimizer = module.configure_optimizers()["optimizer"]
     decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {name for name, p in module.model.named_parameters() if id(p) in decayed}
-    assert names and all(name.endswith(".weight") and "norm" not in name and "emb" not in name for name in names)
+    linear_weights = {f"{name}.weight" for name, m in module.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert names == linear_weights and "head.weight" in names
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(module.model.parameters()))
 
 
@@ -156,9 +158,31 @@ def test_two_process_ddp_run_keeps_ranks_identical(fake_fmnist, tmp_path):
         [sys.executable, str(script), str(tmp_path), *overrides], capture_output=True, text=True, timeout=600, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert not set(saved[0]["first_batch"]) & set(saved[1]["first_batch"])  # the ranks read different items
+    rank0, rank1 = (s["state_dict"] for s in saved)
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # each rank saw other batches: gradients were synced
     checkpoint = torch.load(tmp_path / "runs" / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 3
     assert all(torch.equal(checkpoint["state_dict"][k], rank0[k]) for k in rank0)
+
+
+def test_ema_run_delivers_averaged_weights(tiny_cfg, tmp_path):
+    plain = train(tiny_cfg)["maskgit"]["module"].state_dict()
+    tiny_cfg.maskgit.ema_decay = 0.5
+    tiny_cfg.run_dir = str(tmp_path / "runs" / "fmnist" / "ema")
+    out = train(tiny_cfg)
+    averaged = out["maskgit"]["module"].state_dict()
+    saved = torch.load(out["maskgit"]["checkpoint"], weights_only=False)["state_dict"]
+    assert any(not torch.equal(plain[k], averaged[k]) for k in plain)  # same seed and data: only the averaging differs
+    assert all(torch.equal(saved[k], averaged[k]) for k in averaged)
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tiny_cfg, tmp_path):
+    train(tiny_cfg)
+    tiny_cfg.resume = "last"
+    tiny_cfg.distill.mode = "none"
+    tiny_cfg.run_dir = str(tmp_path / "runs" / "fmnist" / "run2")
+    with pytest.raises(ValueError, match=r"cannot resume from .*last.ckpt: .*distill: checkpoint \{'mode': 'progressive'"):
+        train(tiny_cfg)

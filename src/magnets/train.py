@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.lit.tokenizer import TokenizerModule
 from magnets.models.transformer import MODEL_SIZES
 from magnets.models.vq import VQConfig
-from magnets.tokenize import tokenize
+from magnets.tokenize import file_sha256, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,15 @@ def stage_trainer(
     )
 
 
+def save_checkpoint_atomically(trainer: L.Trainer, path: Path) -> None:
+    """``trainer.save_checkpoint`` to a temporary name, then renamed: ``path`` appears only when complete."""
+    tmp = path.with_name(f".{path.name}.partial")
+    trainer.save_checkpoint(tmp)  # every rank calls it; rank 0 writes
+    if trainer.is_global_zero:
+        os.replace(tmp, path)
+    trainer.strategy.barrier()
+
+
 def fit_tokenizer(cfg: DictConfig) -> Path:
     """Train the tokenizer unless its final checkpoint exists; returns that checkpoint's path.
 
@@ -123,10 +133,8 @@ def fit_tokenizer(cfg: DictConfig) -> Path:
         raise RuntimeError(f"tokenizer training stopped early ({trainer.state.status}); rerun to resume it")
     (test_metrics,) = trainer.test(module, datamodule=datamodule)
 
-    tmp = final.with_name(f".{final.name}.partial")
-    trainer.save_checkpoint(tmp)
+    save_checkpoint_atomically(trainer, final)
     if trainer.is_global_zero:
-        os.replace(tmp, final)  # the final checkpoint appears only when complete
         (tok_dir / "metrics.json").write_text(json.dumps({k: float(v) for k, v in test_metrics.items()}, indent=2) + "\n")
         log.info("tokenizer test metrics: %s", test_metrics)
     trainer.strategy.barrier()
@@ -163,6 +171,20 @@ def resume_checkpoint(cfg: DictConfig) -> Path | None:
     return path
 
 
+# Config entries a resumed run must share with the run that wrote its checkpoint.
+RESUME_MUST_MATCH = ("model", "distill", "tokenizer.model", "data.name", "tokenize.out_dir", "seed")
+
+
+def check_resume_compatible(checkpoint: Path, cfg: DictConfig) -> None:
+    """Refuse to resume from a checkpoint written under another model, distillation, tokenizer or data."""
+    saved = OmegaConf.create(torch.load(checkpoint, map_location="cpu", weights_only=False).get("config", {}))
+    current = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    diffs = [key for key in RESUME_MUST_MATCH if OmegaConf.select(saved, key) != OmegaConf.select(current, key)]
+    if diffs:
+        details = "; ".join(f"{k}: checkpoint {OmegaConf.select(saved, k)}, now {OmegaConf.select(current, k)}" for k in diffs)
+        raise ValueError(f"cannot resume from {checkpoint}: it was trained with other settings ({details})")
+
+
 def fit_maskgit(cfg: DictConfig) -> dict[str, Any]:
     """Train the nested MaskGIT transformer on the token shards.
 
@@ -191,11 +213,16 @@ def fit_maskgit(cfg: DictConfig) -> dict[str, Any]:
     if cfg.maskgit.ema_decay is not None:
         callbacks.append(EMAWeightAveraging(decay=cfg.maskgit.ema_decay))
     trainer = stage_trainer(cfg, run_dir, cfg.maskgit.trainer, cfg.maskgit.checkpoint_every, callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg))
+    resume = resume_checkpoint(cfg)
+    if resume is not None:
+        check_resume_compatible(resume, cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     if not trainer.state.finished:
         raise RuntimeError(f"training stopped early ({trainer.state.status}); rerun with resume=last to continue")
-    (val_metrics,) = trainer.validate(module, datamodule=datamodule)
+    # The periodic last.ckpt may predate the final steps: save the end state explicitly.
     final = run_dir / "checkpoints" / "last.ckpt"
+    save_checkpoint_atomically(trainer, final)
+    (val_metrics,) = trainer.validate(module, datamodule=datamodule)
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps({k: float(v) for k, v in val_metrics.items()}, indent=2) + "\n")
         log.info("held-out masked-token metrics: %s", val_metrics)
@@ -209,9 +236,21 @@ def check_pretokenized(cfg: DictConfig) -> None:
     if missing:
         raise FileNotFoundError(
             f"experiment {cfg.name!r} trains on pre-tokenized {cfg.data.name} shards, but {', '.join(map(str, missing))} "
-            "holds none (tokens.npy, labels.npy, meta.json). Tokenize the dataset into that folder, or point "
-            "tokenize.out_dir=/path/to/shards at where they are."
+            "holds none (tokens.npy, labels.npy, meta.json). Write shards of that layout there "
+            "(magnets.data.shards.write_shard), or point tokenize.out_dir=/path/to/shards at where they are."
         )
+
+
+def wait_for_shards(cfg: DictConfig, tokenizer_ckpt: Path, poll_s: float = 5.0, timeout_s: float = 4 * 3600) -> None:
+    """Wait until rank 0 has written every configured split's shard with this tokenizer's tokens."""
+    sha = file_sha256(tokenizer_ckpt)
+    deadline = time.monotonic() + timeout_s
+    for split in cfg.tokenize.splits:
+        meta_path = Path(cfg.tokenize.out_dir, split, "meta.json")
+        while not (meta_path.is_file() and json.loads(meta_path.read_text()).get("tokenizer_sha256") == sha):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {rank_zero_only.rank}: no shard with tokenizer {sha[:12]} at {meta_path.parent}")
+            time.sleep(poll_s)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -222,9 +261,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_pretokenized(cfg)
     else:
         tokenizer_ckpt = fit_tokenizer(cfg)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if rank_zero_only.rank == 0:  # one process writes the shards; the others wait for it
             shards = tokenize(cfg)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        elif not distributed:  # processes started by torchrun/SLURM before any process group exists
+            wait_for_shards(cfg, tokenizer_ckpt)
+        if distributed:
             torch.distributed.barrier()
     L.seed_everything(cfg.seed, workers=True)
     maskgit = fit_maskgit(cfg)

@@ -72,6 +72,7 @@ def write_shard(
         raise ShardError(f"codebook_size={meta.codebook_size} does not fit uint16 tokens (max 65536)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a shard is for everyone who can read its parent
     try:
         shape = (meta.count, meta.tokens_per_item)
         tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.uint16, shape=shape)
@@ -173,6 +174,7 @@ class SeededTokenBatches(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.steps_per_epoch = len(dataset) // (batch_size * world_size)
+        self._order_epoch, self._order = -1, np.arange(0)  # the permutation of the epoch last asked for
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"{len(dataset)} items cannot fill one global batch of {batch_size} x {world_size} processes; "
@@ -182,7 +184,10 @@ class SeededTokenBatches(IterableDataset):
     def batch_indices(self, step: int) -> np.ndarray:
         """Indices of this process's items at ``step``."""
         epoch, index = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+        if self._order_epoch != epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+            self._order_epoch = epoch
+        order = self._order
         start = (index * self.world_size + self.rank) * self.batch_size
         return np.sort(order[start : start + self.batch_size])  # sorted: sequential memmap reads
 

@@ -53,9 +53,10 @@ class NestedMaskGITModule(L.LightningModule):
         self.val_acc = torch.nn.ModuleDict({f"p{p}": MeanMetric() for p in self.widths})
         self._step_started = 0.0
 
-    def alpha(self) -> float:
-        """Weight of the ground-truth loss for the smaller widths: 1 -> 0 over ``alpha_decay_steps``."""
-        return max(0.0, 1.0 - self.global_step / max(1, self.hparams.alpha_decay_steps))
+    def alpha(self, step: int | None = None) -> float:
+        """Weight of the ground-truth loss for smaller widths at ``step`` (default: now): 1 -> 0 over ``alpha_decay_steps``."""
+        step = self.global_step if step is None else step
+        return max(0.0, 1.0 - step / max(1, self.hparams.alpha_decay_steps))
 
     def _mask(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked inputs ``[B, N]`` and the mask ``[B, N]`` (True = masked)."""
@@ -102,7 +103,9 @@ class NestedMaskGITModule(L.LightningModule):
         for p, (loss, acc) in losses.items():
             self.log_dict({f"train/loss/p{p}": loss, f"train/acc/p{p}": acc})
         total = sum(loss for loss, _ in losses.values())
-        self.log_dict({"train/loss": total, "train/alpha": alpha}, prog_bar=True)
+        self.log("train/loss", total, prog_bar=True)
+        if self.hparams.distill == "progressive":
+            self.log("train/alpha", alpha)
         return total
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -85,7 +85,8 @@ class TokenizerModule(L.LightningModule):
             flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])  # [B*h*w, D]
             pick = torch.randint(0, len(flat), (len(dead),), device=flat.device)
             # Every process restarts the same codes with rank 0's encoder outputs.
-            replacements = self.trainer.strategy.broadcast(flat[pick], src=0)
+            # (moved through the CPU: a pickled CUDA tensor would land on rank 0's device)
+            replacements = self.trainer.strategy.broadcast(flat[pick].cpu(), src=0).to(flat.device)
             quantizer.restart_codes(dead, replacements)
         self.log("train/dead_codes_restarted", float(len(dead)))
 

@@ -124,9 +124,10 @@ class VectorQuantizer(nn.Module):
     def lookup(self, latents: torch.Tensor) -> torch.Tensor:
         """Code ids of the nearest codes: ``[B, D, h, w]`` -> ``[B, h, w]``."""
         b, d, h, w = latents.shape
-        flat = F.normalize(latents, dim=1).permute(0, 2, 3, 1).reshape(-1, d)  # [B*h*w, D]
+        flat = F.normalize(latents.float(), dim=1).permute(0, 2, 3, 1).reshape(-1, d)  # [B*h*w, D]
         # On the unit sphere the nearest code is the one of largest cosine.
-        ids = (flat @ self.normalized_codebook().t()).argmax(dim=1)
+        with torch.autocast(latents.device.type, enabled=False):  # code choice in fp32, as in tokenization
+            ids = (flat @ self.normalized_codebook().float().t()).argmax(dim=1)
         return ids.view(b, h, w)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
