@@ -51,7 +51,6 @@ class FashionMNISTDataModule(L.LightningDataModule):
     ``subset`` keeps only the first items of each split (tests, smoke runs).
     """
 
-    num_classes = 10
     content_size = 28  # the real image inside the padding
 
     def __init__(
