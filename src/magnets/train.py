@@ -4,10 +4,11 @@
 
 Each stage is skipped when its output exists and matches the config: the
 tokenizer when ``<tokenizer.dir>/tokenizer.ckpt`` exists (an interrupted
-tokenizer run resumes from ``checkpoints/last.ckpt``), a token shard when it
-holds this tokenizer's tokens. The nested MaskGIT stage writes to the run
+tokenizer run resumes from the newer of ``checkpoints/last.ckpt`` and
+``checkpoints/interrupted.ckpt``), a token shard when it holds this
+tokenizer's tokens. The nested MaskGIT stage writes to the run
 directory (``run_dir``); ``resume=last`` continues the newest run of the
-experiment from its last checkpoint (step, optimizer, LR schedule).
+experiment from its last checkpoint (step, optimizer, LR schedule, data order).
 """
 
 from __future__ import annotations
