@@ -46,3 +46,28 @@ def random_training_mask(
     scores = torch.rand(batch_size, num_tokens, generator=generator, device=device)
     ranks = scores.argsort(dim=1).argsort(dim=1)  # [B, N]: each position's rank among random scores
     return ranks < counts[:, None]
+
+
+def decode_masked_counts(num_masked: int, steps: int, schedule: str = "cosine") -> list[int]:
+    """Tokens still masked after each of ``steps`` decode steps that start with ``num_masked`` masked.
+
+    MaskGIT's rule: after step ``k`` (0-based), ``floor(num_masked *
+    mask_ratio((k + 1) / steps))`` tokens stay masked, clamped so that every
+    step reveals at least one token and leaves at least one for each later
+    step; the last step reveals all that are left. The counts are the same for
+    every sample, so a batch decodes in lockstep.
+    """
+    if steps < 1:
+        raise ValueError(f"decoding needs at least one step, got steps={steps}")
+    if num_masked < steps:
+        raise ValueError(
+            f"{num_masked} masked tokens cannot be revealed over {steps} steps (each step reveals at least one): "
+            f"use at most {num_masked} steps"
+        )
+    counts, masked = [], num_masked
+    for k in range(steps):
+        later_steps = steps - 1 - k
+        target = math.floor(num_masked * mask_ratio((k + 1) / steps, schedule))
+        masked = min(masked - 1, max(later_steps, target))
+        counts.append(masked)
+    return counts

@@ -7,16 +7,21 @@ layers that read the stream (q/k/v, MLP-in, output head) use the first
 width and MLP hidden size; layers that write to the stream (attention-out,
 MLP-out) produce only the first ``D/p`` outputs ``W[:D/p, :]``. Every
 weight-matrix product of m_p costs 1/p of m_1's; attention runs at full
-width, so keys and values have the same shape at every width.
+width, so keys and values have the same shape at every width: a key/value
+cache written at one width can be read at another (``models/kv_cache.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from magnets.models.kv_cache import KVCache
 
 # Sizes matched one-to-one by conf/model/*.yaml: (dim, depth, heads, mlp_dim).
 MODEL_SIZES: dict[str, dict[str, int]] = {
@@ -107,15 +112,22 @@ class Block(nn.Module):
         self.mlp_in = nn.Linear(cfg.dim, cfg.mlp_dim)
         self.mlp_out = nn.Linear(cfg.mlp_dim, cfg.dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[B, N, d]`` -> ``[B, N, d]``, where ``d`` is the sub-model's stream width."""
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """``x`` ``[B, Q, d]`` -> ``[B, Q, d]``, where ``d`` is the sub-model's stream width.
+
+        Without ``cache`` the Q tokens attend to each other. With it, their
+        keys/values are written after the cached entries of ``layer`` and they
+        attend to the cache and to each other.
+        """
         b, n, d = x.shape
-        q, k, v = read_stream(self.qkv, layer_norm(self.norm1, x)).chunk(3, dim=-1)  # 3 x [B, N, D]
-        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))  # [B, H, N, D/H]
+        q, k, v = read_stream(self.qkv, layer_norm(self.norm1, x)).chunk(3, dim=-1)  # 3 x [B, Q, D]
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))  # [B, H, Q, D/H]
+        if cache is not None:
+            k, v = cache.extend(layer, k, v)  # [B, H, cached + Q, D/H]
         attn = F.scaled_dot_product_attention(q, k, v)
-        attn = attn.transpose(1, 2).reshape(b, n, -1)  # [B, N, D]
+        attn = attn.transpose(1, 2).reshape(b, n, -1)  # [B, Q, D]
         x = x + write_stream(self.attn_out, attn, d)
-        hidden = F.gelu(read_stream(self.mlp_in, layer_norm(self.norm2, x)))  # [B, N, mlp_dim]
+        hidden = F.gelu(read_stream(self.mlp_in, layer_norm(self.norm2, x)))  # [B, Q, mlp_dim]
         return x + write_stream(self.mlp_out, hidden, d)
 
 
@@ -141,19 +153,44 @@ class NestedTransformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def embed(self, tokens: torch.Tensor, labels: torch.Tensor, d: int) -> torch.Tensor:
-        """Token + position + class embeddings, first ``d`` channels: ``[B, N]`` -> ``[B, N, d]``."""
-        token = self.token_emb.weight[tokens, :d]  # [B, N, d]
-        position = self.pos_emb[None, : tokens.shape[1], :d]  # [1, N, d]
+    def embed(self, tokens: torch.Tensor, labels: torch.Tensor, d: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token + position + class embeddings, first ``d`` channels: ``[B, Q]`` -> ``[B, Q, d]``.
+
+        ``positions`` ``[B, Q]`` are the grid positions of ``tokens``; None means ``0 .. Q-1``.
+        """
+        token = self.token_emb.weight[tokens, :d]  # [B, Q, d]
+        if positions is None:
+            position = self.pos_emb[None, : tokens.shape[1], :d]  # [1, Q, d]
+        else:
+            position = self.pos_emb[positions, :d]  # [B, Q, d]
         label = self.class_emb.weight[labels, None, :d]  # [B, 1, d]
         return token + position + label
+
+    def hidden(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor,
+        width: int,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final residual stream ``[B, Q, D/width]`` of m_width for tokens ``[B, Q]`` at ``positions``.
+
+        With ``cache``, the tokens also attend to the cached keys/values of
+        every layer and their own keys/values are written after them (see
+        ``KVCache.extend``).
+        """
+        x = self.embed(tokens, labels, self.cfg.stream_width(width), positions)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        return x
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, Q, V]`` from a final residual stream ``[B, Q, d]`` of any width."""
+        return read_stream(self.head, layer_norm(self.norm, hidden))
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, width: int) -> torch.Tensor:
         """Logits ``[B, N, V]`` of sub-model m_width for token ids ``[B, N]`` and labels ``[B]``."""
         if tokens.shape[1] != self.cfg.num_tokens:
             raise ValueError(f"expected {self.cfg.num_tokens} tokens per item, got {tokens.shape[1]}")
-        d = self.cfg.stream_width(width)
-        x = self.embed(tokens, labels, d)
-        for block in self.blocks:
-            x = block(x)
-        return read_stream(self.head, layer_norm(self.norm, x))
+        return self.head_logits(self.hidden(tokens, labels, width))

@@ -1,0 +1,224 @@
+"""Key/value caching across the parallel decoding steps, and the tokens-to-logits callables of the decode loop.
+
+The decode loop (``magnets.sampling.decode``) calls ``tokens_to_logits(tokens,
+labels, width, step)`` once per step and gets the logits at the still-masked
+positions (ascending) plus a :class:`StepWork` record of what that step ran.
+:class:`UncachedLogits` runs a full pass over all N tokens every step;
+:class:`CachedLogits` keeps, per layer, the keys/values of revealed tokens:
+
+- a *refresh* step (the first step, and by mode a width switch or every n
+  steps) runs all N tokens, revealed ones with their token ids and masked ones
+  as [MASK], and rebuilds the cache from the revealed tokens' keys/values;
+- a *cached* step runs only the tokens revealed at the previous step (they
+  have no cache entry yet) and the still-masked ones; they attend to the
+  cache and to each other, and afterwards the previously revealed tokens'
+  keys/values join the cache.
+
+Keys/values have the full attention width at every sub-model width, so an
+entry written by m_8 can be read by m_1 (``no_refresh``: the approximation
+the paper ablates). In a one-layer model an entry depends only on its token's
+embedding and the width that wrote it, so within one width the cache is
+never stale — the property the tests use to check this bookkeeping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from magnets.models.transformer import NestedTransformer
+
+CACHE_MODES = ("none", "refresh_on_switch", "no_refresh", "refresh_every_n")
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """What one decode step computed, per batch row: all the FLOPs formula needs."""
+
+    width: int
+    kind: str  # "full" (uncached pass), "refresh" (full pass that rebuilds the cache) or "cached"
+    queries: int  # tokens run through every layer
+    keys: int  # keys/values each query attends to
+    head_positions: int  # positions where the output head runs (the masked ones)
+    rows: int  # batch rows run: samples, twice that with classifier-free guidance
+
+
+def check_cache_mode(mode: str, refresh_every: int = 1) -> None:
+    """Raise, naming the valid values, on an unknown cache mode or a non-positive refresh period."""
+    if mode not in CACHE_MODES:
+        raise ValueError(f"unknown cache mode {mode!r}; valid: {list(CACHE_MODES)}")
+    if mode == "refresh_every_n" and refresh_every < 1:
+        raise ValueError(f"refresh_every must be a positive number of steps, got {refresh_every}")
+
+
+def step_kind(mode: str, step: int, width: int, previous_width: int | None, steps_since_refresh: int, refresh_every: int) -> str:
+    """``full``, ``refresh`` or ``cached``: what a step of cache ``mode`` runs (the one home of this rule)."""
+    if mode == "none":
+        return "full"
+    if step == 0:
+        return "refresh"
+    switched = width != previous_width
+    if mode == "refresh_on_switch" and switched:
+        return "refresh"
+    if mode == "refresh_every_n" and (switched or steps_since_refresh >= refresh_every):
+        return "refresh"
+    return "cached"
+
+
+def positions_where(mask: torch.Tensor) -> torch.Tensor:
+    """Ascending positions ``[B, C]`` of the True entries of ``mask`` ``[B, N]``; every row must hold C of them."""
+    counts = mask.sum(dim=1)
+    if bool((counts != counts[0]).any()):
+        raise ValueError(
+            f"every row of a decode batch must have the same number of masked tokens, got {counts.tolist()}: "
+            "decode rows with different numbers of pre-revealed tokens in separate batches"
+        )
+    return mask.nonzero()[:, 1].view(mask.shape[0], -1)  # row-major nonzero: [B, C], ascending per row
+
+
+def gather_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``x[b, positions[b]]``: ``[B, N, d]``, ``[B, C]`` -> ``[B, C, d]``."""
+    return x.gather(1, positions[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+class KVCache:
+    """Keys/values of revealed tokens for every layer; rows of the batch are independent.
+
+    Buffers ``[depth, B, H, N, D/H]`` hold the cached entries in slots
+    ``[0, length)``. A pass writes its tokens' keys/values to the slots after
+    them (:meth:`extend`); :meth:`keep` then admits the first few of those.
+    """
+
+    def __init__(self, depth: int, num_tokens: int) -> None:
+        self.depth, self.num_tokens = depth, num_tokens
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.length = 0
+
+    def extend(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write a pass's ``keys``/``values`` ``[B, H, Q, D/H]`` after the cache; return cache + them.
+
+        With an empty cache the inputs are returned as they are, so a refresh
+        attends exactly as an uncached pass does.
+        """
+        b, h, q, dh = keys.shape
+        if self.keys is None or self.keys.shape[1:3] != (b, h) or self.keys.dtype != keys.dtype:
+            shape = (self.depth, b, h, self.num_tokens, dh)
+            self.keys = keys.new_empty(shape)
+            self.values = values.new_empty(shape)
+        end = self.length + q
+        if end > self.num_tokens:
+            raise ValueError(f"a pass of {q} tokens after {self.length} cached ones exceeds the {self.num_tokens} slots")
+        self.keys[layer, :, :, self.length : end] = keys
+        self.values[layer, :, :, self.length : end] = values
+        if self.length == 0:
+            return keys, values
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def keep(self, count: int) -> None:
+        """Admit the first ``count`` tokens of the last pass (written after the cached ones) to the cache."""
+        self.length += count
+
+    def keep_positions(self, positions: torch.Tensor) -> None:
+        """After a full pass from an empty cache (slot = grid position): keep only ``positions`` ``[B, R]``."""
+        if self.length != 0 or self.keys is None:
+            raise RuntimeError("keep_positions follows a full pass into an empty cache")
+        b, r = positions.shape
+        index = positions[None, :, None, :, None].expand(self.depth, b, self.keys.shape[2], r, self.keys.shape[4])
+        self.keys[:, :, :, :r] = self.keys.gather(3, index)  # [depth, B, H, R, D/H]
+        self.values[:, :, :, :r] = self.values.gather(3, index)
+        self.length = r
+
+    def clear(self) -> None:
+        self.length = 0
+
+
+class UncachedLogits:
+    """Tokens-to-logits without a cache: every step a full pass over all N tokens.
+
+    The output head runs at the masked positions only, as in the cached
+    decoder, so the baseline does no work it does not need.
+    """
+
+    def __init__(self, model: NestedTransformer) -> None:
+        self.model = model
+
+    def __call__(self, tokens: torch.Tensor, labels: torch.Tensor, width: int, step: int) -> tuple[torch.Tensor, StepWork]:
+        """Logits ``[B, M, V]`` at the masked positions of ``tokens`` ``[B, N]`` (ascending), and the step's work."""
+        masked_positions = positions_where(tokens == self.model.cfg.mask_id)  # [B, M]
+        hidden = self.model.hidden(tokens, labels, width)  # [B, N, d]
+        logits = self.model.head_logits(gather_rows(hidden, masked_positions))
+        b, n = tokens.shape
+        return logits, StepWork(width, "full", queries=n, keys=n, head_positions=masked_positions.shape[1], rows=b)
+
+
+class CachedLogits:
+    """Tokens-to-logits with a key/value cache; one decode at a time (``step == 0`` starts a new one).
+
+    ``mode``: ``refresh_on_switch`` (refresh at the first step and whenever
+    the width changes), ``no_refresh`` (refresh at the first step only; a new
+    width reads the entries an earlier width wrote), ``refresh_every_n``
+    (refresh at every switch and after ``refresh_every`` steps without one).
+    """
+
+    def __init__(self, model: NestedTransformer, mode: str = "refresh_on_switch", refresh_every: int = 2) -> None:
+        check_cache_mode(mode, refresh_every)
+        if mode == "none":
+            raise ValueError("cache mode 'none' is UncachedLogits; use build_tokens_to_logits")
+        self.model, self.mode, self.refresh_every = model, mode, refresh_every
+        self.cache = KVCache(model.cfg.depth, model.cfg.num_tokens)
+        self.previous_masked: torch.Tensor | None = None
+        self.previous_width: int | None = None
+        self.steps_since_refresh = 0
+        self.next_step = 0
+
+    def __call__(self, tokens: torch.Tensor, labels: torch.Tensor, width: int, step: int) -> tuple[torch.Tensor, StepWork]:
+        """Logits ``[B, M, V]`` at the masked positions of ``tokens`` ``[B, N]`` (ascending), and the step's work."""
+        if step != self.next_step and step != 0:
+            raise ValueError(f"cached decoding runs steps in order from 0: expected step 0 or {self.next_step}, got {step}")
+        masked = tokens == self.model.cfg.mask_id  # [B, N]
+        kind = step_kind(self.mode, step, width, self.previous_width, self.steps_since_refresh, self.refresh_every)
+        if kind == "cached" and self.previous_masked.shape != masked.shape:
+            raise ValueError(f"the batch changed shape mid-decode: {tuple(self.previous_masked.shape)} -> {tuple(masked.shape)}")
+        logits, work = (self._refresh if kind == "refresh" else self._cached)(tokens, labels, width, masked)
+        self.previous_masked, self.previous_width = masked, width
+        self.steps_since_refresh = 1 if kind == "refresh" else self.steps_since_refresh + 1
+        self.next_step = step + 1
+        return logits, work
+
+    def _refresh(
+        self, tokens: torch.Tensor, labels: torch.Tensor, width: int, masked: torch.Tensor
+    ) -> tuple[torch.Tensor, StepWork]:
+        """Full pass in grid order; the cache keeps the revealed tokens' keys/values."""
+        masked_positions = positions_where(masked)  # [B, M]
+        self.cache.clear()
+        hidden = self.model.hidden(tokens, labels, width, cache=self.cache)  # [B, N, d]; slots = positions
+        self.cache.keep_positions(positions_where(~masked))
+        logits = self.model.head_logits(gather_rows(hidden, masked_positions))
+        b, n = tokens.shape
+        return logits, StepWork(width, "refresh", queries=n, keys=n, head_positions=masked_positions.shape[1], rows=b)
+
+    def _cached(
+        self, tokens: torch.Tensor, labels: torch.Tensor, width: int, masked: torch.Tensor
+    ) -> tuple[torch.Tensor, StepWork]:
+        """Run the tokens revealed at the previous step, then the masked ones, against the cache."""
+        just_revealed = positions_where(self.previous_masked & ~masked)  # [B, R]
+        masked_positions = positions_where(masked)  # [B, M]
+        query_positions = torch.cat([just_revealed, masked_positions], dim=1)  # [B, R + M]
+        query_tokens = tokens.gather(1, query_positions)
+        cached = self.cache.length
+        hidden = self.model.hidden(query_tokens, labels, width, positions=query_positions, cache=self.cache)  # [B, R + M, d]
+        revealed = just_revealed.shape[1]
+        self.cache.keep(revealed)
+        logits = self.model.head_logits(hidden[:, revealed:])  # the masked positions only
+        b, q = query_positions.shape
+        return logits, StepWork(width, "cached", queries=q, keys=cached + q, head_positions=masked_positions.shape[1], rows=b)
+
+
+def build_tokens_to_logits(model: NestedTransformer, cache: str, refresh_every: int = 2) -> UncachedLogits | CachedLogits:
+    """The decode loop's tokens-to-logits callable for cache mode ``cache`` (one of ``CACHE_MODES``)."""
+    check_cache_mode(cache, refresh_every)
+    if cache == "none":
+        return UncachedLogits(model)
+    return CachedLogits(model, cache, refresh_every)

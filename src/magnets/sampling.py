@@ -1,0 +1,203 @@
+"""Parallel decoding with a decode-time model schedule, over a tokens-to-logits callable.
+
+A model schedule says how many of the K steps each width runs, in the order
+given: ``widths (8, 4, 2, 1), steps (3, 3, 3, 3)`` runs m_8 for three steps,
+then m_4, m_2 and m_1 ("scale up"); ``widths (1,), steps (12,)`` is plain
+MaskGIT. :func:`decode` is a pure function of its inputs and a
+``torch.Generator``: it knows nothing of trainers or caches. The callable
+(``magnets.models.kv_cache.build_tokens_to_logits``) decides how each step's
+logits are computed and reports the work it did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from magnets.masking import decode_masked_counts
+from magnets.models.kv_cache import StepWork
+
+# tokens [B, N], labels [B], width, step -> (logits [B, M, V] at the masked positions in ascending order, work)
+TokensToLogits = Callable[[torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, StepWork]]
+
+GUIDANCE_RAMPS = ("constant", "linear")
+
+
+@dataclass(frozen=True)
+class ModelSchedule:
+    """Steps per width, run in the order listed; widths with 0 steps are skipped."""
+
+    name: str
+    widths: tuple[int, ...]
+    steps: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.widths) != len(self.steps):
+            raise ValueError(f"schedule {self.name!r}: widths {list(self.widths)} and steps {list(self.steps)} differ in length")
+        if any(int(k) != k or k < 0 for k in self.steps):
+            raise ValueError(f"schedule {self.name!r}: steps must be non-negative integers, got {list(self.steps)}")
+        if self.total_steps < 1:
+            raise ValueError(f"schedule {self.name!r}: steps {list(self.steps)} sum to 0; it needs at least one step")
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.steps)
+
+    def width_per_step(self, configured_widths: Sequence[int], total_steps: int | None = None) -> list[int]:
+        """The width of each of the K steps; checks the widths exist in the model and, if given, K."""
+        unknown = [p for p in self.widths if p not in configured_widths]
+        if unknown:
+            raise ValueError(
+                f"schedule {self.name!r} names widths {unknown} that the model does not have; configured widths: "
+                f"{list(configured_widths)}"
+            )
+        if total_steps is not None and self.total_steps != total_steps:
+            raise ValueError(f"schedule {self.name!r}: steps {list(self.steps)} sum to {self.total_steps}, expected K={total_steps}")
+        return [p for p, k in zip(self.widths, self.steps, strict=True) for _ in range(k)]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How each step turns logits into revealed tokens (DESIGN.md §1, "Sampling step")."""
+
+    mask_schedule: str = "cosine"
+    temperature: float = 0.5  # sampling temperature at the last step ...
+    temperature_anneal: float = 0.8  # ... plus this much times (1 - (k+1)/K)
+    choice_temperature: float = 4.5  # Gumbel noise on the confidences, times (1 - (k+1)/K)
+    guidance_scale: float = 0.0  # w: (1 + w) cond - w uncond; 0 runs no unconditional branch
+    guidance_ramp: str = "constant"  # constant: w at every step; linear: w (k+1)/K
+
+    def __post_init__(self) -> None:
+        if self.guidance_ramp not in GUIDANCE_RAMPS:
+            raise ValueError(f"unknown guidance_ramp {self.guidance_ramp!r}; valid: {list(GUIDANCE_RAMPS)}")
+        if self.temperature <= 0 or self.temperature_anneal < 0:
+            raise ValueError(f"need temperature > 0 and temperature_anneal >= 0, got {self.temperature}, {self.temperature_anneal}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 0
+
+    def sampling_temperature(self, step: int, steps: int) -> float:
+        return self.temperature + self.temperature_anneal * (1 - (step + 1) / steps)
+
+    def guidance(self, step: int, steps: int) -> float:
+        if self.guidance_ramp == "linear":
+            return self.guidance_scale * (step + 1) / steps
+        return self.guidance_scale
+
+
+@dataclass
+class DecodeResult:
+    """Final tokens ``[B, N]``; per step its width and work; with ``keep_history``, tokens after each step ``[K, B, N]``."""
+
+    tokens: torch.Tensor
+    widths: list[int]
+    work: list[StepWork]
+    history: torch.Tensor | None = None
+    revealed: list[int] = field(default_factory=list)  # tokens revealed per step, per sample
+
+
+def gumbel_noise(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Standard Gumbel samples ``-log(-log U)``, U uniform on (0, 1)."""
+    uniform = torch.rand(shape, generator=generator, device=device).clamp_(min=torch.finfo(torch.float32).tiny)
+    return -torch.log(-torch.log(uniform))
+
+
+def decode(
+    tokens_to_logits: TokensToLogits,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    width_per_step: Sequence[int],
+    settings: SamplingSettings,
+    *,
+    mask_id: int,
+    null_class: int,
+    generator: torch.Generator | None = None,
+    keep_history: bool = False,
+) -> DecodeResult:
+    """Reveal every ``mask_id`` entry of ``tokens`` ``[B, N]`` over ``len(width_per_step)`` steps.
+
+    Step k runs width ``width_per_step[k]``, samples every masked token from
+    softmax(logits / T_k), scores it by its log-probability plus Gumbel noise
+    scaled by ``choice_temperature (1 - (k+1)/K)`` and reveals the most
+    confident, leaving ``decode_masked_counts`` masked. Tokens that are not
+    ``mask_id`` (frame prediction, editing) stay as given. With guidance, the
+    conditional and the unconditional (null class) rows run in one batch of
+    2B. ``generator`` makes the result reproducible.
+    """
+    steps = len(width_per_step)
+    tokens = tokens.clone()
+    batch = tokens.shape[0]
+    masked_per_row = (tokens == mask_id).sum(dim=1)
+    if bool((masked_per_row != masked_per_row[0]).any()):
+        raise ValueError(f"every row must start with the same number of masked tokens, got {masked_per_row.tolist()}")
+    masked_after = decode_masked_counts(int(masked_per_row[0]), steps, settings.mask_schedule)
+    if settings.guided:
+        labels = torch.cat([labels, torch.full_like(labels, null_class)])  # [2B]: conditional rows, then unconditional
+    widths, work, history, revealed = [], [], [], []
+    masked_now = int(masked_per_row[0])
+    for step, width in enumerate(width_per_step):
+        rows = torch.cat([tokens, tokens]) if settings.guided else tokens  # [B or 2B, N]
+        logits, step_work = tokens_to_logits(rows, labels, width, step)  # [rows, M, V]
+        logits = logits.float()
+        if settings.guided:
+            conditional, unconditional = logits.chunk(2)  # 2 x [B, M, V]
+            w = settings.guidance(step, steps)
+            logits = (1 + w) * conditional - w * unconditional
+        log_probs = torch.log_softmax(logits / settings.sampling_temperature(step, steps), dim=-1)  # [B, M, V]
+        sampled = (log_probs + gumbel_noise(log_probs.shape, generator, log_probs.device)).argmax(dim=-1)  # [B, M]
+        reveal = masked_now - masked_after[step]
+        masked_positions = (tokens == mask_id).nonzero()[:, 1].view(batch, masked_now)  # [B, M], ascending
+        if reveal == masked_now:  # last step: everything left
+            chosen = torch.arange(masked_now, device=tokens.device).expand(batch, -1)
+        else:
+            sampled_log_prob = log_probs.gather(-1, sampled[..., None])[..., 0]  # [B, M]
+            noise_scale = settings.choice_temperature * (1 - (step + 1) / steps)
+            confidence = sampled_log_prob + noise_scale * gumbel_noise(sampled_log_prob.shape, generator, tokens.device)
+            chosen = confidence.topk(reveal, dim=1).indices  # [B, reveal]: indices into the masked positions
+        tokens.scatter_(1, masked_positions.gather(1, chosen), sampled.gather(1, chosen))
+        masked_now = masked_after[step]
+        widths.append(width)
+        work.append(step_work)
+        revealed.append(reveal)
+        if keep_history:
+            history.append(tokens.clone())
+    return DecodeResult(tokens, widths, work, torch.stack(history) if keep_history else None, revealed)
+
+
+def sample_class_grid(
+    tokens_to_logits: TokensToLogits,
+    labels: torch.Tensor,
+    num_tokens: int,
+    width_per_step: Sequence[int],
+    settings: SamplingSettings,
+    *,
+    mask_id: int,
+    null_class: int,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, list[StepWork]]:
+    """Decode one sample per entry of ``labels`` from all-[MASK], ``batch_size`` at a time.
+
+    Returns the tokens ``[len(labels), num_tokens]`` and the work of every
+    step of every batch; ``progress(n)`` is called after each batch of n.
+    """
+    outputs, work = [], []
+    for start in range(0, len(labels), batch_size):
+        batch_labels = labels[start : start + batch_size]
+        initial = torch.full((len(batch_labels), num_tokens), mask_id, dtype=torch.long, device=labels.device)
+        result = decode(
+            tokens_to_logits, initial, batch_labels, width_per_step, settings,
+            mask_id=mask_id, null_class=null_class, generator=generator,
+        )  # fmt: skip
+        outputs.append(result.tokens)
+        work.extend(result.work)
+        if progress is not None:
+            progress(len(batch_labels))
+    return torch.cat(outputs), work
+

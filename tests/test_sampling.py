@@ -1,0 +1,205 @@
+"""Parallel decoding: cache bookkeeping against uncached decoding, reveal invariants, schedules, FLOPs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from magnets.flops import decode_flops_per_sample, planned_decode_work
+from magnets.masking import decode_masked_counts
+from magnets.models.kv_cache import CACHE_MODES, build_tokens_to_logits
+from magnets.models.transformer import NestedTransformer, TransformerConfig
+from magnets.sampling import ModelSchedule, SamplingSettings, decode
+
+WIDTHS = [8, 4, 2, 1]
+GRID = 16  # tokens per sample (a 4x4 grid)
+
+
+def make_model(depth: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> NestedTransformer:
+    """A small nested model with large random weights, so that every token's context moves the logits."""
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(codebook_size=12, num_tokens=GRID, num_classes=3, dim=32, depth=depth, heads=2, mlp_dim=64, widths=WIDTHS)
+    model = NestedTransformer(cfg)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.5)
+    return model.to(dtype).eval()
+
+
+class Recorder:
+    """Wraps a tokens-to-logits callable and keeps every step's logits."""
+
+    def __init__(self, inner):
+        self.inner, self.logits = inner, []
+
+    def __call__(self, tokens, labels, width, step):
+        logits, work = self.inner(tokens, labels, width, step)
+        self.logits.append(logits.detach().clone())
+        return logits, work
+
+
+def run(model, width_per_step, cache, *, guidance=0.0, pre_reveal=0, seed=1, refresh_every=2, batch=3, keep_history=False):
+    """Decode ``batch`` samples; ``pre_reveal`` tokens per row start revealed (frame-prediction style)."""
+    cfg = model.cfg
+    data = torch.Generator().manual_seed(123)
+    tokens = torch.full((batch, GRID), cfg.mask_id)
+    if pre_reveal:
+        positions = torch.stack([torch.randperm(GRID, generator=data)[:pre_reveal] for _ in range(batch)])
+        tokens.scatter_(1, positions, torch.randint(0, cfg.codebook_size, (batch, pre_reveal), generator=data))
+    labels = torch.arange(batch) % cfg.num_classes
+    recorder = Recorder(build_tokens_to_logits(model, cache, refresh_every))
+    settings = SamplingSettings(guidance_scale=guidance, guidance_ramp="linear" if guidance else "constant")
+    with torch.inference_mode():
+        result = decode(
+            recorder, tokens, labels, width_per_step, settings, mask_id=cfg.mask_id, null_class=cfg.null_class,
+            generator=torch.Generator().manual_seed(seed), keep_history=keep_history,
+        )  # fmt: skip
+    return tokens, result, recorder.logits
+
+
+SCALE_UP = ModelSchedule("up", (8, 4, 2, 1), (2, 1, 2, 2)).width_per_step(WIDTHS)
+SCALE_DOWN = ModelSchedule("down", (1, 2, 8), (2, 3, 2)).width_per_step(WIDTHS)
+ABRUPT = ModelSchedule("abrupt", (8, 1), (4, 3)).width_per_step(WIDTHS)
+
+
+@pytest.mark.parametrize("schedule", [SCALE_UP, SCALE_DOWN, ABRUPT, [1] * 7])
+@pytest.mark.parametrize("guidance", [0.0, 2.0])
+@pytest.mark.parametrize("pre_reveal", [0, 5])
+def test_refreshing_every_step_gives_exactly_the_uncached_tokens(schedule, guidance, pre_reveal):
+    model = make_model(depth=2)
+    _, uncached, _ = run(model, schedule, "none", guidance=guidance, pre_reveal=pre_reveal)
+    _, cached, _ = run(model, schedule, "refresh_every_n", refresh_every=1, guidance=guidance, pre_reveal=pre_reveal)
+    assert torch.equal(cached.tokens, uncached.tokens)
+    assert all(w.kind == "refresh" for w in cached.work)
+
+
+def assert_same_decode(reference, candidate):
+    (_, ref_result, ref_logits), (_, result, logits) = reference, candidate
+    for step, (a, b) in enumerate(zip(ref_logits, logits, strict=True)):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-9), f"step {step}: logits differ by {(a - b).abs().max():.3g}"
+    assert torch.equal(ref_result.tokens, result.tokens)
+
+
+CACHE_NEVER_STALE = [
+    *[(mode, schedule) for mode in ("refresh_on_switch", "refresh_every_n") for schedule in (SCALE_UP, SCALE_DOWN, ABRUPT)],
+    *[(mode, [p] * 7) for mode in ("refresh_on_switch", "no_refresh", "refresh_every_n") for p in (1, 4)],
+]
+
+
+@pytest.mark.parametrize(("mode", "schedule"), CACHE_NEVER_STALE)
+@pytest.mark.parametrize("guidance", [0.0, 1.5])
+@pytest.mark.parametrize("pre_reveal", [0, 6])
+def test_depth_one_cache_matches_uncached_decoding(mode, schedule, guidance, pre_reveal):
+    """One layer: a revealed token's keys/values depend only on its embedding and width, so the cache is never stale."""
+    model = make_model(depth=1, dtype=torch.float64)
+    reference = run(model, schedule, "none", guidance=guidance, pre_reveal=pre_reveal)
+    candidate = run(model, schedule, mode, guidance=guidance, pre_reveal=pre_reveal)
+    assert any(w.kind == "cached" for w in candidate[1].work)
+    assert_same_decode(reference, candidate)
+
+
+def test_cache_comparison_is_sensitive():
+    """The comparison above can fail: stale entries (no refresh at a switch, or depth 2) change the logits."""
+    shallow, deep = make_model(depth=1, dtype=torch.float64), make_model(depth=2, dtype=torch.float64)
+    for model, schedule, mode in ((shallow, SCALE_UP, "no_refresh"), (deep, [1] * 7, "refresh_on_switch")):
+        _, _, reference = run(model, schedule, "none")
+        _, _, logits = run(model, schedule, mode)
+        assert max((a - b).abs().max() for a, b in zip(reference, logits, strict=True)) > 1e-3
+
+
+def test_uncached_logits_are_the_model_forward_at_masked_positions():
+    model = make_model(depth=2)
+    tokens = torch.randint(0, 12, (2, GRID))
+    tokens[:, ::3] = model.cfg.mask_id
+    labels = torch.tensor([0, 2])
+    logits, work = build_tokens_to_logits(model, "none")(tokens, labels, 2, 0)
+    expected = model(tokens, labels, width=2)[tokens == model.cfg.mask_id].view(2, -1, 12)
+    assert torch.allclose(logits, expected, atol=1e-6)
+    assert (work.queries, work.head_positions) == (GRID, 6)
+
+
+@pytest.mark.parametrize("cache", CACHE_MODES)
+def test_reveal_invariants(cache):
+    model = make_model(depth=2)
+    schedule = ModelSchedule("up", (8, 4, 2, 1), (3, 3, 3, 3)).width_per_step(WIDTHS)
+    initial, result, _ = run(model, schedule, cache, pre_reveal=3, keep_history=True)
+    history = torch.cat([initial[None], result.history])  # [K + 1, B, N]
+    masked = history == model.cfg.mask_id
+    newly_revealed = (masked[:-1] & ~masked[1:]).sum(dim=2)  # [K, B]
+    assert bool((newly_revealed >= 1).all()), "every step reveals at least one token"
+    assert not bool(masked[-1].any()), "no token is left masked"
+    for k in range(len(schedule)):
+        kept = ~masked[k]
+        assert torch.equal(history[k + 1][kept], history[k][kept]), f"step {k} changed a revealed token"
+    assert bool((result.tokens < model.cfg.codebook_size).all())
+    assert result.revealed == newly_revealed[:, 0].tolist()
+    assert result.widths == schedule
+
+
+def test_same_seed_same_samples_other_seed_other_samples():
+    model = make_model(depth=2)
+    first, second, other = (run(model, SCALE_UP, "refresh_on_switch", seed=s)[1].tokens for s in (5, 5, 6))
+    assert torch.equal(first, second)
+    assert not torch.equal(first, other)
+
+
+def test_schedule_errors_name_the_valid_values():
+    with pytest.raises(ValueError, match=r"sum to 11, expected K=12"):
+        ModelSchedule("bad", (8, 4, 2, 1), (3, 3, 3, 2)).width_per_step(WIDTHS, total_steps=12)
+    with pytest.raises(ValueError, match=r"widths \[16\] .* configured widths: \[8, 4, 2, 1\]"):
+        ModelSchedule("bad", (16, 1), (6, 6)).width_per_step(WIDTHS)
+    with pytest.raises(ValueError, match="differ in length"):
+        ModelSchedule("bad", (8, 1), (12,))
+    with pytest.raises(ValueError, match="non-negative integers"):
+        ModelSchedule("bad", (8, 1), (-1, 13))
+    with pytest.raises(ValueError, match=r"unknown cache mode 'sometimes'; valid: \['none', 'refresh_on_switch'"):
+        build_tokens_to_logits(make_model(depth=1), "sometimes")
+    with pytest.raises(ValueError, match=r"guidance_ramp 'cosine'; valid: \['constant', 'linear'\]"):
+        SamplingSettings(guidance_ramp="cosine")
+    with pytest.raises(ValueError, match="use at most 4 steps"):
+        decode_masked_counts(4, 12)
+
+
+@pytest.mark.parametrize("schedule_name", ["cosine", "linear", "square_root", "arccos"])
+def test_decode_masked_counts_reveal_at_least_one_per_step(schedule_name):
+    for n, k in ((256, 12), (16, 16), (20, 7)):
+        counts = decode_masked_counts(n, k, schedule_name)
+        assert counts[-1] == 0 and len(counts) == k
+        assert all(a > b for a, b in zip([n, *counts], counts, strict=False))
+
+
+@pytest.mark.parametrize("cache", CACHE_MODES)
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_planned_work_is_what_the_decoder_did(cache, guidance):
+    model = make_model(depth=2)
+    _, result, _ = run(model, SCALE_UP, cache, guidance=guidance, pre_reveal=4, batch=2)
+    planned = planned_decode_work(model.cfg, SCALE_UP, cache, guided=guidance > 0, num_masked=GRID - 4)
+    assert [w.rows for w in result.work] == [2 * p.rows for p in planned]
+    assert [(w.width, w.kind, w.queries, w.keys, w.head_positions) for w in result.work] == [
+        (p.width, p.kind, p.queries, p.keys, p.head_positions) for p in planned
+    ]
+    if cache != "none":
+        assert any(w.kind == "cached" and w.queries < GRID for w in result.work)
+
+
+@pytest.mark.parametrize(("cache", "guidance"), [("none", 0.0), ("refresh_on_switch", 0.0), ("no_refresh", 2.0), ("refresh_every_n", 2.0)])
+def test_analytic_flops_match_the_flop_counter(cache, guidance):
+    """The formula against torch's counter on a real decode (the CPU attention kernel given torch's SDPA formula)."""
+    torch.manual_seed(0)
+    cfg = TransformerConfig(codebook_size=64, num_tokens=64, num_classes=3, dim=64, depth=2, heads=4, mlp_dim=128, widths=WIDTHS)
+    model = NestedTransformer(cfg).eval()
+    schedule = ModelSchedule("up", (8, 4, 2, 1), (2, 2, 2, 2)).width_per_step(WIDTHS)
+    tokens, labels = torch.full((2, 64), cfg.mask_id), torch.tensor([0, 1])
+    settings = SamplingSettings(guidance_scale=guidance)
+    cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # counted 0 by default
+
+    def attention_flops(query_shape, key_shape, value_shape, *args, **kwargs):
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    counter = FlopCounterMode(display=False, custom_mapping={cpu_attention: attention_flops})
+    with torch.inference_mode(), counter:
+        result = decode(build_tokens_to_logits(model, cache), tokens, labels, schedule, settings, mask_id=cfg.mask_id, null_class=3)
+    counted = counter.get_total_flops() / 2
+    analytic = decode_flops_per_sample(cfg, result.work, samples=2)
+    assert analytic == pytest.approx(counted, rel=0.02)
