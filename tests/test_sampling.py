@@ -19,7 +19,9 @@ GRID = 16  # tokens per sample (a 4x4 grid)
 def make_model(depth: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> NestedTransformer:
     """A small nested model with large random weights, so that every token's context moves the logits."""
     torch.manual_seed(seed)
-    cfg = TransformerConfig(codebook_size=12, num_tokens=GRID, num_classes=3, dim=32, depth=depth, heads=2, mlp_dim=64, widths=WIDTHS)
+    cfg = TransformerConfig(
+        codebook_size=12, num_tokens=GRID, num_classes=3, dim=32, depth=depth, heads=2, mlp_dim=64, widths=WIDTHS
+    )
     model = NestedTransformer(cfg)
     with torch.no_grad():
         for param in model.parameters():
@@ -183,7 +185,9 @@ def test_planned_work_is_what_the_decoder_did(cache, guidance):
         assert any(w.kind == "cached" and w.queries < GRID for w in result.work)
 
 
-@pytest.mark.parametrize(("cache", "guidance"), [("none", 0.0), ("refresh_on_switch", 0.0), ("no_refresh", 2.0), ("refresh_every_n", 2.0)])
+@pytest.mark.parametrize(
+    ("cache", "guidance"), [("none", 0.0), ("refresh_on_switch", 0.0), ("no_refresh", 2.0), ("refresh_every_n", 2.0)]
+)
 def test_analytic_flops_match_the_flop_counter(cache, guidance):
     """The formula against torch's counter on a real decode (the CPU attention kernel given torch's SDPA formula)."""
     torch.manual_seed(0)
@@ -199,7 +203,9 @@ def test_analytic_flops_match_the_flop_counter(cache, guidance):
 
     counter = FlopCounterMode(display=False, custom_mapping={cpu_attention: attention_flops})
     with torch.inference_mode(), counter:
-        result = decode(build_tokens_to_logits(model, cache), tokens, labels, schedule, settings, mask_id=cfg.mask_id, null_class=3)
+        result = decode(
+            build_tokens_to_logits(model, cache), tokens, labels, schedule, settings, mask_id=cfg.mask_id, null_class=3
+        )
     counted = counter.get_total_flops() / 2
     analytic = decode_flops_per_sample(cfg, result.work, samples=2)
     assert analytic == pytest.approx(counted, rel=0.02)

@@ -54,7 +54,9 @@ class ModelSchedule:
                 f"{list(configured_widths)}"
             )
         if total_steps is not None and self.total_steps != total_steps:
-            raise ValueError(f"schedule {self.name!r}: steps {list(self.steps)} sum to {self.total_steps}, expected K={total_steps}")
+            raise ValueError(
+                f"schedule {self.name!r}: steps {list(self.steps)} sum to {self.total_steps}, expected K={total_steps}"
+            )
         return [p for p, k in zip(self.widths, self.steps, strict=True) for _ in range(k)]
 
 
@@ -73,7 +75,9 @@ class SamplingSettings:
         if self.guidance_ramp not in GUIDANCE_RAMPS:
             raise ValueError(f"unknown guidance_ramp {self.guidance_ramp!r}; valid: {list(GUIDANCE_RAMPS)}")
         if self.temperature <= 0 or self.temperature_anneal < 0:
-            raise ValueError(f"need temperature > 0 and temperature_anneal >= 0, got {self.temperature}, {self.temperature_anneal}")
+            raise ValueError(
+                f"need temperature > 0 and temperature_anneal >= 0, got {self.temperature}, {self.temperature_anneal}"
+            )
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
 
@@ -200,4 +204,3 @@ def sample_class_grid(
         if progress is not None:
             progress(len(batch_labels))
     return torch.cat(outputs), work
-

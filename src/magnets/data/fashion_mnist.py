@@ -64,9 +64,7 @@ def parse_idx(payload: bytes, source: str = "<bytes>") -> np.ndarray:
     dtype = np.dtype(_IDX_DTYPES[type_code])
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(payload) - header_end != expected:
-        raise ValueError(
-            f"{source}: idx payload holds {len(payload) - header_end} bytes, its header {shape} needs {expected}"
-        )
+        raise ValueError(f"{source}: idx payload holds {len(payload) - header_end} bytes, its header {shape} needs {expected}")
     return np.frombuffer(payload, dtype=dtype, offset=header_end).reshape(shape)
 
 
