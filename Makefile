@@ -8,12 +8,14 @@ ARGS ?=
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist
 
-.PHONY: help setup data train tokenize test test-slow bench-train lint tb clean
+.PHONY: help setup data train tokenize sample test test-slow bench bench-train lint tb clean
 
 help:
 	@echo "make train [EXP=fmnist] [ARGS='hydra overrides']  set up, then train experiment EXP end to end"
 	@echo "make test                                         set up, then run the default test suite"
-	@echo "make tokenize | test-slow | bench-train | lint | tb | clean"
+	@echo "make sample [EXP=fmnist] [ARGS='schedule=maskgit_12 decode.cache=none']  sample grid from the newest checkpoint"
+	@echo "make bench [ARGS=...]  decode benchmark, runs/bench/decode.json;  make bench-train  training-step benchmark"
+	@echo "make tokenize | test-slow | lint | tb | clean"
 
 setup: $(STAMP) data
 
@@ -40,11 +42,19 @@ train: setup
 tokenize: setup
 	$(PY) -m magnets.tokenize experiment=$(EXP) $(ARGS)
 
+sample: setup
+	$(PY) -m magnets.sample name=$(EXP) $(ARGS)
+
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(ARGS)
 
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow $(ARGS)
+
+# Decode time of schedules x cache modes against uncached MaskGIT (model s, 16x16 tokens, batch 8, CPU);
+# JSON in runs/bench/decode.json. On a GPU: make bench ARGS="device=cuda model=b batch_size=64 dtype=bfloat16"
+bench: setup
+	$(PY) -m magnets.bench task=decode $(ARGS)
 
 # Nested vs single-width training step time (model s, 16x16 tokens); JSON in runs/bench/train.json.
 bench-train: setup

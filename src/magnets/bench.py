@@ -1,8 +1,15 @@
 """Benchmarks, measured side by side in one process; JSON out.
 
-    python -m magnets.bench task=train [model=s] [batch_size=8] [grid=16]   (make bench-train)
+    python -m magnets.bench [task=decode] [model=s] [batch_size=8] [grid=16] [device=cpu]   (make bench)
+    python -m magnets.bench task=train [model=s] [batch_size=8] [grid=16]                  (make bench-train)
 
-``task=train``: the time of one training step (masking, forward and
+``task=decode``: class-conditional decoding of a batch from all-[MASK] with
+every configured schedule x cache mode: ms per sample (median of repeats
+after warm-up, configurations interleaved so that all see the same machine
+state), samples/s, GFLOPs per sample, peak memory (CUDA), and speed-up and
+FLOP ratio against the uncached baseline schedule; also the machine's dense
+matmul GFLOP/s and the analytic GFLOPs of every shipped schedule x cache
+mode. ``task=train``: the time of one training step (masking, forward and
 backward of every width, optimizer step) of the nested model with all
 widths against the single-width model of the same size, alternating
 repeats so both see the same machine state. Weights are random: speed does
@@ -23,14 +30,147 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from magnets.flops import nested_training_flop_ratio
+from magnets.flops import decode_flops_per_sample, nested_training_flop_ratio, planned_decode_work
 from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.masking import random_training_mask
-from magnets.models.transformer import MODEL_SIZES
+from magnets.models.kv_cache import CACHE_MODES, build_tokens_to_logits
+from magnets.models.transformer import MODEL_SIZES, NestedTransformer, TransformerConfig
+from magnets.sampling import SamplingSettings, decode, load_schedule, shipped_schedules
 
 log = logging.getLogger(__name__)
 
-TASKS = ("train",)
+TASKS = ("decode", "train")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, size: tuple[int, int, int], repeats: int = 10) -> float:
+    """Dense matmul throughput of this machine: ``[m, k] @ [k, n]``, median of ``repeats``."""
+    m, k, n = size
+    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(repeats + 2):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * m * k * n / statistics.median(times[2:]) / 1e9
+
+
+def bench_model_config(cfg: DictConfig, widths: list[int]) -> TransformerConfig:
+    """The benchmarked size with the bench's token grid, codebook and classes."""
+    if cfg.model.size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {cfg.model.size!r}; valid: {list(MODEL_SIZES)}")
+    return TransformerConfig.from_size(
+        cfg.model.size, codebook_size=cfg.codebook_size, num_tokens=cfg.grid**2, num_classes=cfg.num_classes, widths=widths
+    )
+
+
+def flops_table(model_cfg: TransformerConfig, settings: SamplingSettings, refresh_every: int, baseline: str) -> list[dict]:
+    """Analytic GFLOPs per sample of every shipped schedule x cache mode, and the ratio to the uncached ``baseline``."""
+
+    def gflops(schedule_name: str, cache: str) -> float:
+        width_per_step = load_schedule(schedule_name).width_per_step(model_cfg.widths)
+        work = planned_decode_work(model_cfg, width_per_step, cache, refresh_every, settings.mask_schedule, settings.guided)
+        return decode_flops_per_sample(model_cfg, work, samples=1) / 1e9
+
+    base = gflops(baseline, "none")
+    return [
+        {
+            "schedule": name,
+            "cache": cache,
+            "gflops_per_sample": gflops(name, cache),
+            "flops_ratio_vs_baseline": base / gflops(name, cache),
+        }
+        for name in shipped_schedules()
+        for cache in CACHE_MODES
+    ]
+
+
+def bench_decode(cfg: DictConfig) -> dict[str, Any]:
+    """Every ``cfg.decode_bench.schedules`` x ``cfg.decode_bench.caches`` against the uncached baseline; the JSON record."""
+    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype] if cfg.dtype in DTYPES else None
+    if dtype is None:
+        raise ValueError(f"unknown dtype {cfg.dtype!r}; valid: {list(DTYPES)}")
+    bench = cfg.decode_bench
+    model_cfg = bench_model_config(cfg, list(cfg.model.widths))
+    settings = SamplingSettings.from_config(cfg.decode)
+    torch.manual_seed(0)
+    model = NestedTransformer(model_cfg).to(device=device, dtype=dtype).eval()
+    baseline = (bench.baseline, "none")
+    configurations = [baseline] + [(s, c) for s in bench.schedules for c in bench.caches if (s, c) != baseline]
+    width_per_step = {name: load_schedule(name).width_per_step(model_cfg.widths) for name, _ in configurations}
+    labels = torch.arange(cfg.batch_size, device=device) % model_cfg.num_classes
+    initial = torch.full((cfg.batch_size, model_cfg.num_tokens), model_cfg.mask_id, device=device)
+
+    def run(schedule: str, cache: str) -> tuple[float, list]:
+        tokens_to_logits = build_tokens_to_logits(model, cache, cfg.decode.refresh_every)
+        generator = torch.Generator(device).manual_seed(0)
+        synchronize(device)
+        start = time.perf_counter()
+        result = decode(
+            tokens_to_logits, initial, labels, width_per_step[schedule], settings,
+            mask_id=model_cfg.mask_id, null_class=model_cfg.null_class, generator=generator,
+        )  # fmt: skip
+        synchronize(device)
+        return time.perf_counter() - start, result.work
+
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in configurations}
+    peak_mb: dict[tuple[str, str], float | None] = {key: None for key in configurations}
+    work: dict[tuple[str, str], list] = {}
+    with torch.inference_mode():
+        for repeat in range(cfg.warmup + cfg.repeats):
+            for key in configurations:  # interleaved: every configuration sees the same machine state
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                seconds, work[key] = run(*key)
+                if device.type == "cuda":
+                    peak_mb[key] = max(peak_mb[key] or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
+                if repeat >= cfg.warmup:
+                    times[key].append(seconds)
+                log.info("repeat %d %s/%s: %.3f s", repeat, *key, seconds)
+
+    gflops = {key: decode_flops_per_sample(model_cfg, work[key], cfg.batch_size) / 1e9 for key in configurations}
+    median_s = {key: statistics.median(times[key]) for key in configurations}
+    records = []
+    for schedule, cache in configurations:
+        key = (schedule, cache)
+        speedup, flops_ratio = median_s[baseline] / median_s[key], gflops[baseline] / gflops[key]
+        records.append(
+            {
+                "schedule": schedule,
+                "cache": cache,
+                "gflops_per_sample": gflops[key],
+                "ms_per_sample": 1000 * median_s[key] / cfg.batch_size,
+                "samples_per_s": cfg.batch_size / median_s[key],
+                "achieved_gflops_per_s": gflops[key] * cfg.batch_size / median_s[key],
+                "speedup_vs_baseline": speedup,
+                "flops_ratio_vs_baseline": flops_ratio,
+                "speedup_over_flops_ratio": speedup / flops_ratio,
+                "peak_memory_mb": peak_mb[key],
+                "times_s": times[key],
+            }
+        )
+    matmul_size = (cfg.batch_size * model_cfg.num_tokens, model_cfg.dim, model_cfg.mlp_dim)
+    return {
+        "task": "decode",
+        "settings": {
+            **OmegaConf.to_container(cfg, resolve=True),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "peak_memory": "torch.cuda.max_memory_allocated per configuration; not measured on CPU",
+        },
+        "matmul_gflops_per_s": matmul_gflops(device, dtype, matmul_size),
+        "matmul_shape": list(matmul_size),
+        "records": records,
+        "flops_table": flops_table(model_cfg, settings, cfg.decode.refresh_every, bench.baseline),
+    }
 
 
 def train_step_seconds(
@@ -114,12 +254,19 @@ def write_json(result: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-@hydra.main(config_path="../../conf", config_name="bench", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    if cfg.task not in TASKS:
-        raise ValueError(f"unknown bench task {cfg.task!r}; valid: {list(TASKS)}")
-    result = bench_train(cfg)
-    path = write_json(result, cfg.out)
+def print_decode(result: dict[str, Any], path: Path) -> None:
+    print(
+        f"{'schedule':<16} {'cache':<18} {'GFLOPs/sample':>13} {'ms/sample':>10} {'speedup':>8} {'FLOP ratio':>10} {'GFLOP/s':>8}"
+    )
+    for r in result["records"]:
+        print(
+            f"{r['schedule']:<16} {r['cache']:<18} {r['gflops_per_sample']:>13.1f} {r['ms_per_sample']:>10.1f} "
+            f"{r['speedup_vs_baseline']:>8.2f} {r['flops_ratio_vs_baseline']:>10.2f} {r['achieved_gflops_per_s']:>8.1f}"
+        )
+    print(f"dense matmul {result['matmul_shape']}: {result['matmul_gflops_per_s']:.1f} GFLOP/s; written to {path}")
+
+
+def print_train(result: dict[str, Any], path: Path) -> None:
     for record in result["records"]:
         ms, rate = record["ms_per_step"], record["tokens_per_s"]
         print(f"{record['model']:>7} widths={record['widths']}: {ms:.1f} ms/step, {rate:.0f} tokens/s")
@@ -128,6 +275,15 @@ def main(cfg: DictConfig) -> None:
         f"FLOP ratio {result['flops_ratio_nested_vs_single']:.3f} (weights only: {result['weight_flops_ratio_nominal']:.3f}); "
         f"written to {path}"
     )
+
+
+@hydra.main(config_path="../../conf", config_name="bench", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    if cfg.task not in TASKS:
+        raise ValueError(f"unknown bench task {cfg.task!r}; valid: {list(TASKS)}")
+    result = bench_decode(cfg) if cfg.task == "decode" else bench_train(cfg)
+    path = write_json(result, cfg.out)
+    (print_decode if cfg.task == "decode" else print_train)(result, path)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,22 @@ logits are computed and reports the work it did.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
-from magnets.masking import decode_masked_counts
+from magnets.masking import MASK_SCHEDULES, decode_masked_counts
 from magnets.models.kv_cache import StepWork
 
 # tokens [B, N], labels [B], width, step -> (logits [B, M, V] at the masked positions in ascending order, work)
 TokensToLogits = Callable[[torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, StepWork]]
 
 GUIDANCE_RAMPS = ("constant", "linear")
+SCHEDULE_DIR = Path(__file__).resolve().parents[2] / "conf" / "schedule"  # the Hydra group `schedule`
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,24 @@ class ModelSchedule:
         return [p for p, k in zip(self.widths, self.steps, strict=True) for _ in range(k)]
 
 
+def shipped_schedules() -> list[str]:
+    """Names of the schedules in ``conf/schedule/``."""
+    return sorted(path.stem for path in SCHEDULE_DIR.glob("*.yaml"))
+
+
+def load_schedule(schedule: str | Mapping[str, Any]) -> ModelSchedule:
+    """A schedule from its ``conf/schedule/`` name, or from a mapping with ``name``, ``widths``, ``steps``."""
+    if isinstance(schedule, str):
+        path = SCHEDULE_DIR / f"{schedule}.yaml"
+        if not path.is_file():
+            raise ValueError(f"unknown schedule {schedule!r}; shipped: {shipped_schedules()}")
+        schedule = OmegaConf.to_container(OmegaConf.load(path))
+    missing = {"name", "widths", "steps"} - set(schedule)
+    if missing:
+        raise ValueError(f"a schedule needs name, widths and steps; {dict(schedule)} lacks {sorted(missing)}")
+    return ModelSchedule(str(schedule["name"]), tuple(schedule["widths"]), tuple(schedule["steps"]))
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """How each step turns logits into revealed tokens (DESIGN.md §1, "Sampling step")."""
@@ -72,6 +94,8 @@ class SamplingSettings:
     guidance_ramp: str = "constant"  # constant: w at every step; linear: w (k+1)/K
 
     def __post_init__(self) -> None:
+        if self.mask_schedule not in MASK_SCHEDULES:
+            raise ValueError(f"unknown mask schedule {self.mask_schedule!r}; valid: {sorted(MASK_SCHEDULES)}")
         if self.guidance_ramp not in GUIDANCE_RAMPS:
             raise ValueError(f"unknown guidance_ramp {self.guidance_ramp!r}; valid: {list(GUIDANCE_RAMPS)}")
         if self.temperature <= 0 or self.temperature_anneal < 0:
@@ -80,6 +104,11 @@ class SamplingSettings:
             )
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+
+    @classmethod
+    def from_config(cls, decode_cfg: Mapping[str, Any]) -> SamplingSettings:
+        """The sampling fields of a ``decode`` config group (which also holds the cache mode)."""
+        return cls(**{name: decode_cfg[name] for name in cls.__dataclass_fields__})
 
     @property
     def guided(self) -> bool:

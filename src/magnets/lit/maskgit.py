@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from magnets.lit.checkpoints import load_model_weights, read_checkpoint
 from magnets.lit.optim import warmup_cosine
 from magnets.masking import random_training_mask
 from magnets.models.transformer import NestedTransformer, TransformerConfig
@@ -144,3 +146,13 @@ class NestedMaskGITModule(L.LightningModule):
         )
         scheduler = warmup_cosine(optimizer, self.hparams.warmup_steps, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def load_maskgit(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> tuple[NestedTransformer, dict[str, Any]]:
+    """The nested transformer of a :class:`NestedMaskGITModule` checkpoint (eval mode) and the run config saved with it."""
+    ckpt = read_checkpoint(checkpoint, "nested MaskGIT", map_location)
+    try:
+        model = NestedTransformer(TransformerConfig(**ckpt["hyper_parameters"]["model"]))
+    except TypeError as err:
+        raise ValueError(f"{checkpoint} is not a nested MaskGIT checkpoint: its model config does not fit ({err})") from err
+    return load_model_weights(model, ckpt, checkpoint), ckpt.get("config", {})

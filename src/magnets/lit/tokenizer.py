@@ -12,6 +12,7 @@ import torchvision
 from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio
 
+from magnets.lit.checkpoints import load_model_weights, read_checkpoint
 from magnets.lit.optim import warmup_cosine
 from magnets.metrics.codebook import CodebookUsage
 from magnets.models.vq import VQConfig, VQTokenizer
@@ -154,20 +155,5 @@ class TokenizerModule(L.LightningModule):
 
 def load_tokenizer(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> VQTokenizer:
     """The VQ tokenizer stored in a :class:`TokenizerModule` checkpoint, in eval mode."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # torch raises several types for a corrupt archive
-        raise ValueError(f"{path} is not a readable checkpoint ({err})") from err
-    if not isinstance(ckpt, dict) or "model" not in ckpt.get("hyper_parameters", {}) or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a tokenizer checkpoint: it has no hyper_parameters['model'] and state_dict")
-    model = VQTokenizer(VQConfig(**ckpt["hyper_parameters"]["model"]))
-    prefix = "model."
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not match its own model config {ckpt['hyper_parameters']['model']}: {err}") from err
-    return model.eval()
+    ckpt = read_checkpoint(checkpoint, "tokenizer", map_location)
+    return load_model_weights(VQTokenizer(VQConfig(**ckpt["hyper_parameters"]["model"])), ckpt, checkpoint)

@@ -86,8 +86,10 @@ class KVCache:
     """Keys/values of revealed tokens for every layer; rows of the batch are independent.
 
     Buffers ``[depth, B, H, N, D/H]`` hold the cached entries in slots
-    ``[0, length)``. A pass writes its tokens' keys/values to the slots after
-    them (:meth:`extend`); :meth:`keep` then admits the first few of those.
+    ``[0, length)``. A cached pass writes its tokens' keys/values to the slots
+    after them (:meth:`extend`) and :meth:`keep` then admits the first few of
+    those. A refresh pass (between :meth:`begin_refresh` and
+    :meth:`end_refresh`) runs all N tokens and stores only the revealed ones.
     """
 
     def __init__(self, depth: int, num_tokens: int) -> None:
@@ -95,43 +97,43 @@ class KVCache:
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.length = 0
+        self.refresh_positions: torch.Tensor | None = None  # [B, R] during a refresh pass
+
+    def begin_refresh(self, revealed_positions: torch.Tensor) -> None:
+        """The next pass runs all N tokens in grid order; keep the keys/values at ``revealed_positions`` ``[B, R]``."""
+        self.length = 0
+        self.refresh_positions = revealed_positions
+
+    def end_refresh(self) -> None:
+        self.length = self.refresh_positions.shape[1]
+        self.refresh_positions = None
 
     def extend(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write a pass's ``keys``/``values`` ``[B, H, Q, D/H]`` after the cache; return cache + them.
+        """Store a pass's ``keys``/``values`` ``[B, H, Q, D/H]``; return what its queries attend to.
 
-        With an empty cache the inputs are returned as they are, so a refresh
-        attends exactly as an uncached pass does.
+        In a refresh pass that is the inputs themselves, exactly as in an
+        uncached pass; otherwise the cache followed by the inputs.
         """
         b, h, q, dh = keys.shape
         if self.keys is None or self.keys.shape[1:3] != (b, h) or self.keys.dtype != keys.dtype:
             shape = (self.depth, b, h, self.num_tokens, dh)
-            self.keys = keys.new_empty(shape)
-            self.values = values.new_empty(shape)
+            self.keys, self.values = keys.new_empty(shape), values.new_empty(shape)
+        if self.refresh_positions is not None:
+            r = self.refresh_positions.shape[1]
+            index = self.refresh_positions[:, None, :, None].expand(b, h, r, dh)  # [B, H, R, D/H]
+            torch.gather(keys, 2, index, out=self.keys[layer, :, :, :r])
+            torch.gather(values, 2, index, out=self.values[layer, :, :, :r])
+            return keys, values
         end = self.length + q
         if end > self.num_tokens:
             raise ValueError(f"a pass of {q} tokens after {self.length} cached ones exceeds the {self.num_tokens} slots")
         self.keys[layer, :, :, self.length : end] = keys
         self.values[layer, :, :, self.length : end] = values
-        if self.length == 0:
-            return keys, values
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def keep(self, count: int) -> None:
-        """Admit the first ``count`` tokens of the last pass (written after the cached ones) to the cache."""
+        """Admit the first ``count`` tokens of the last cached pass (written after the cached ones)."""
         self.length += count
-
-    def keep_positions(self, positions: torch.Tensor) -> None:
-        """After a full pass from an empty cache (slot = grid position): keep only ``positions`` ``[B, R]``."""
-        if self.length != 0 or self.keys is None:
-            raise RuntimeError("keep_positions follows a full pass into an empty cache")
-        b, r = positions.shape
-        index = positions[None, :, None, :, None].expand(self.depth, b, self.keys.shape[2], r, self.keys.shape[4])
-        self.keys[:, :, :, :r] = self.keys.gather(3, index)  # [depth, B, H, R, D/H]
-        self.values[:, :, :, :r] = self.values.gather(3, index)
-        self.length = r
-
-    def clear(self) -> None:
-        self.length = 0
 
 
 class UncachedLogits:
@@ -192,9 +194,9 @@ class CachedLogits:
     ) -> tuple[torch.Tensor, StepWork]:
         """Full pass in grid order; the cache keeps the revealed tokens' keys/values."""
         masked_positions = positions_where(masked)  # [B, M]
-        self.cache.clear()
-        hidden = self.model.hidden(tokens, labels, width, cache=self.cache)  # [B, N, d]; slots = positions
-        self.cache.keep_positions(positions_where(~masked))
+        self.cache.begin_refresh(positions_where(~masked))
+        hidden = self.model.hidden(tokens, labels, width, cache=self.cache)  # [B, N, d]
+        self.cache.end_refresh()
         logits = self.model.head_logits(gather_rows(hidden, masked_positions))
         b, n = tokens.shape
         return logits, StepWork(width, "refresh", queries=n, keys=n, head_positions=masked_positions.shape[1], rows=b)

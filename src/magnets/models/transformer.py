@@ -127,7 +127,9 @@ class Block(nn.Module):
         attn = F.scaled_dot_product_attention(q, k, v)
         attn = attn.transpose(1, 2).reshape(b, n, -1)  # [B, Q, D]
         x = x + write_stream(self.attn_out, attn, d)
-        hidden = F.gelu(read_stream(self.mlp_in, layer_norm(self.norm2, x)))  # [B, Q, mlp_dim]
+        hidden = read_stream(self.mlp_in, layer_norm(self.norm2, x))  # [B, Q, mlp_dim] at every width
+        # Without autograd, GELU in place: at small widths allocating another [B, Q, mlp_dim] costs as much as the product.
+        hidden = F.gelu(hidden) if torch.is_grad_enabled() else torch.ops.aten.gelu_(hidden)
         return x + write_stream(self.mlp_out, hidden, d)
 
 

@@ -1,0 +1,50 @@
+"""python -m magnets.sample on a tiny trained run: grid, tokens, GFLOPs; clear errors on bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from conftest import CONF_DIR
+from magnets.sample import sample
+from magnets.train import train
+
+
+def sample_config(overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("sample", overrides=overrides)
+
+
+def test_sample_writes_a_class_grid_and_tokens_from_the_newest_checkpoint(tiny_cfg, tmp_path):
+    train(tiny_cfg)
+    base = [f"paths.runs={tiny_cfg.paths.runs}", "name=fmnist", "samples_per_class=3", "batch_size=7"]
+    out = sample(sample_config([*base, "schedule=magnets_3333", f"out_dir={tmp_path / 'cached'}"]))
+    grid = np.asarray(Image.open(tmp_path / "cached" / "grid.png"))
+    assert grid.shape[:2] == (10 * (32 + 2) + 2, 3 * (32 + 2) + 2)  # one row per class, one column per sample
+    saved = np.load(tmp_path / "cached" / "samples.npz")
+    assert saved["tokens"].shape == (30, 64) and (saved["tokens"] < 64).all()
+    np.testing.assert_array_equal(saved["labels"], np.repeat(np.arange(10), 3))
+    summary = json.loads(str(saved["summary"]))
+    assert summary["schedule"] == "magnets_3333" and summary["cache"] == "refresh_on_switch"
+    assert summary["flops_ratio_vs_baseline"] > 1.5
+
+    baseline = sample(sample_config([*base, "schedule=maskgit_12", "decode.cache=none", f"out_dir={tmp_path / 'base'}"]))
+    assert baseline["flops_ratio_vs_baseline"] == pytest.approx(1.0)
+    assert out["gflops_per_sample"] < baseline["gflops_per_sample"]
+    again = sample(sample_config([*base, "schedule=magnets_3333", f"out_dir={tmp_path / 'again'}"]))
+    assert (again["tokens"] == out["tokens"]).all()  # same seed, same samples
+
+    with pytest.raises(ValueError, match=r"classes \[12\] do not exist"):
+        sample(sample_config([*base, "classes=[1,12]"]))
+    with pytest.raises(ValueError, match=r"widths \[3\] .* configured widths"):
+        sample(sample_config([*base, "schedule.widths=[3,1]", "schedule.steps=[6,6]"]))
+
+
+def test_sample_names_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no .*/nothing/\*/checkpoints/last.ckpt; train first"):
+        sample(sample_config([f"paths.runs={tmp_path}", "name=nothing"]))
+    (tmp_path / "junk.ckpt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        sample(sample_config([f"checkpoint={tmp_path / 'junk.ckpt'}"]))
