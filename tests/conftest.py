@@ -83,5 +83,8 @@ def tiny_cfg(fake_fmnist: Path, tmp_path: Path) -> DictConfig:
             "maskgit.trainer.val_check_interval=2",
             "trainer.log_every_n_steps=1",
             "maskgit.module.warmup_steps=1",
+            "classifier.epochs=1",
+            "sample_validation.samples=20",
+            "sample_validation.batch_size=20",
         ]
     )

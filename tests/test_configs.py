@@ -3,10 +3,13 @@
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, REPO, compose_config
 from magnets.models.vq import VQConfig
+from magnets.sampling import load_schedule
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "experiment")
 OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF_DIR / group).glob("*.yaml"))]
@@ -18,13 +21,38 @@ def test_experiment_group_is_the_experiments_folder():
     assert "fmnist" in EXPERIMENTS
 
 
+# Groups outside the training config's defaults: the primary config they belong to, and whether they are appended (+).
+OTHER_PRIMARY = {"schedule": ("evaluate", ""), "ablation": ("config", "+"), "sweep": ("evaluate", "+")}
+TRAINING_SWEEPS = {"distill"}  # conf/sweep/ presets of `make sweep-train`
+
+
+def compose_primary(primary: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(primary, overrides=overrides, return_hydra_config=True)
+
+
 @pytest.mark.parametrize("group, option", OPTIONS)
 def test_every_group_option_composes(group, option, tmp_path):
-    cfg = compose_config([f"{group}={option}", f"paths.runs={tmp_path}", f"run_dir={tmp_path}/run"])
+    primary, prefix = OTHER_PRIMARY.get(group, ("config", ""))
+    if group == "sweep" and option in TRAINING_SWEEPS:
+        primary = "config"
+    overrides = [f"{prefix}{group}={option}", f"paths.runs={tmp_path}"]
+    if primary == "config":
+        overrides.append(f"run_dir={tmp_path}/run")
+    cfg = compose_primary(primary, overrides)
+    cfg.hydra.runtime.output_dir = str(tmp_path)  # what a real run sets; run_dir interpolates it
     OmegaConf.resolve(cfg)
     if group == "tokenizer":
         VQConfig(**cfg.tokenizer.model)
         assert Path(cfg.tokenizer.dir).parent == tmp_path / "tokenizers"
+    if group == "schedule":
+        assert load_schedule(OmegaConf.to_container(cfg.schedule)).name == option
+        assert load_schedule(option).total_steps in (8, 12, 16)
+    if group == "sweep":
+        assert cfg.hydra.mode == RunMode.MULTIRUN and cfg.hydra.sweeper.params
+    if group == "ablation":
+        assert cfg.distill.mode == ("progressive" if option == "progressive" else "none")
+        assert list(cfg.model.widths) == ([1] if option == "single" else [8, 4, 2, 1])
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

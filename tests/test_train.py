@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import compose_config
 from magnets.data.shards import open_shard
@@ -42,6 +43,19 @@ def test_train_then_rerun_skips(tiny_cfg):
     assert maskgit["config"]["model"] == {"size": "tiny", "widths": [8, 4, 2, 1]}
     assert maskgit["hyper_parameters"]["model"]["codebook_size"] == 64
     assert {f"val/loss/p{p}" for p in (8, 4, 2, 1)} <= set(out["maskgit"]["metrics"])
+
+    # Validation-time sampling: per-schedule scalars and grids, per-width grids, read back from the event files.
+    events = EventAccumulator(str(Path(tiny_cfg.run_dir) / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
+    for schedule in ("maskgit_12", "magnets_3333"):
+        assert {f"val/fid/{schedule}", f"val/class_acc/{schedule}", f"val/gflops/{schedule}"} <= scalars
+        assert f"val/samples/{schedule}" in images
+        assert len(events.Scalars(f"val/fid/{schedule}")) == 3  # validations at steps 2 and 4, and the final one
+    assert {f"val/samples_width/p{p}" for p in (8, 4, 2, 1)} <= images
+    gflops = {s: events.Scalars(f"val/gflops/{s}")[-1].value for s in ("maskgit_12", "magnets_3333")}
+    assert gflops["magnets_3333"] < gflops["maskgit_12"]
+    assert Path(tiny_cfg.classifier.path).is_file()
 
     mtimes = {p: p.stat().st_mtime_ns for p in [ckpt] + [out["shards"][s] / "tokens.npy" for s in counts]}
     tiny_cfg.maskgit.trainer.max_steps = 0  # second run: tokenizer and shards up to date

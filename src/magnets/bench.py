@@ -48,6 +48,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def run_settings(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """The bench config and what the numbers depend on: torch version, threads, device."""
+    return {
+        **OmegaConf.to_container(cfg, resolve=True),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+
+
 def matmul_gflops(device: torch.device, dtype: torch.dtype, size: tuple[int, int, int], repeats: int = 10) -> float:
     """Dense matmul throughput of this machine: ``[m, k] @ [k, n]``, median of ``repeats``."""
     m, k, n = size
@@ -160,10 +170,7 @@ def bench_decode(cfg: DictConfig) -> dict[str, Any]:
     return {
         "task": "decode",
         "settings": {
-            **OmegaConf.to_container(cfg, resolve=True),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            **run_settings(cfg, device),
             "peak_memory": "torch.cuda.max_memory_allocated per configuration; not measured on CPU",
         },
         "matmul_gflops_per_s": matmul_gflops(device, dtype, matmul_size),
@@ -231,12 +238,7 @@ def bench_train(cfg: DictConfig) -> dict[str, Any]:
     nested, single = records
     return {
         "task": "train",
-        "settings": {
-            **OmegaConf.to_container(cfg, resolve=True),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        },
+        "settings": run_settings(cfg, device),
         "records": records,
         "time_ratio_nested_vs_single": nested["ms_per_step"] / single["ms_per_step"],
         "flops_ratio_nested_vs_single": nested["flops_ratio_vs_single"],

@@ -24,11 +24,11 @@ import torchvision
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from magnets.evaluation import generate_images
 from magnets.flops import decode_flops_per_sample, planned_decode_work
 from magnets.lit.maskgit import load_maskgit
 from magnets.lit.tokenizer import load_tokenizer
-from magnets.models.kv_cache import build_tokens_to_logits
-from magnets.sampling import SamplingSettings, load_schedule, sample_class_grid
+from magnets.sampling import SamplingSettings, load_schedule
 from magnets.train import newest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,6 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     schedule = load_schedule(OmegaConf.to_container(cfg.schedule, resolve=True))
     width_per_step = schedule.width_per_step(model_cfg.widths)
     settings = SamplingSettings.from_config(cfg.decode)
-    tokens_to_logits = build_tokens_to_logits(model, cfg.decode.cache, cfg.decode.refresh_every)
     tokenizer_path = cfg.tokenizer_checkpoint or tokenizer_checkpoint(run_config, checkpoint, cfg.paths.runs)
     tokenizer = load_tokenizer(tokenizer_path, device)
 
@@ -89,14 +88,17 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"classes {bad} do not exist; the model has classes 0..{model_cfg.num_classes - 1}")
     labels = torch.tensor(classes, device=device).repeat_interleave(cfg.samples_per_class)  # [C * S]: class-major
     generator = torch.Generator(device).manual_seed(cfg.seed)
+    batches = generate_images(
+        model, tokenizer, labels, width_per_step, settings, cfg.decode.cache, cfg.decode.refresh_every, cfg.batch_size, generator
+    )
+    images, tokens, work = [], [], []
     with torch.inference_mode(), tqdm(total=len(labels), desc=f"{schedule.name}/{cfg.decode.cache}", unit="sample") as bar:
-        tokens, work = sample_class_grid(
-            tokens_to_logits, labels, model_cfg.num_tokens, width_per_step, settings,
-            mask_id=model_cfg.mask_id, null_class=model_cfg.null_class, batch_size=cfg.batch_size,
-            generator=generator, progress=bar.update,
-        )  # fmt: skip
-        grid_side = tokenizer.cfg.grid_size
-        images = torch.cat([tokenizer.decode(t.view(-1, grid_side, grid_side)) for t in tokens.split(cfg.batch_size)])
+        for batch in batches:
+            images.append(batch.images)
+            tokens.append(batch.tokens)
+            work.extend(batch.work)
+            bar.update(len(batch.labels))
+    images, tokens = torch.cat(images), torch.cat(tokens)  # [C * S, 1, H, W], [C * S, N]
 
     gflops = decode_flops_per_sample(model_cfg, work, len(labels)) / 1e9
     baseline_work = planned_decode_work(model_cfg, [1] * len(width_per_step), "none", guided=settings.guided)

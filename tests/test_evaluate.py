@@ -1,0 +1,62 @@
+"""magnets.evaluate: result rows appended safely by parallel jobs; an end-to-end evaluation on a tiny trained run."""
+
+import csv
+import multiprocessing
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF_DIR
+from magnets.evaluate import RESULT_COLUMNS, append_result, evaluate
+from magnets.train import train
+
+
+def row(i: int) -> dict:
+    return {column: f"{column}-{i}" for column in RESULT_COLUMNS} | {"fid": i, "grid": "grids/a, b.png"}
+
+
+def append_many(path, start, count):
+    for i in range(start, start + count):
+        append_result(path, row(i))
+
+
+def test_parallel_appends_keep_one_header_and_every_row(tmp_path):
+    path = tmp_path / "results.csv"
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=append_many, args=(path, 50 * k, 50)) for k in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 200 and sorted(int(r["fid"]) for r in rows) == list(range(200))
+    assert all(r["grid"] == "grids/a, b.png" for r in rows)  # quoted comma survives
+    assert path.read_text().count("experiment,checkpoint") == 1
+
+
+def test_append_refuses_wrong_columns_and_foreign_files(tmp_path):
+    with pytest.raises(ValueError, match="needs exactly the columns"):
+        append_result(tmp_path / "r.csv", {"fid": 1})
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match=r"has columns \['a', 'b'\]"):
+        append_result(tmp_path / "other.csv", row(0))
+    assert (tmp_path / "other.csv").read_text() == "a,b\n1,2\n"
+
+
+def test_evaluate_appends_a_row_with_fid_accuracy_gflops_and_a_grid(tiny_cfg, tmp_path):
+    train(tiny_cfg)
+    runs = tiny_cfg.paths.runs
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        base = [f"paths.runs={runs}", "samples=30", "batch_size=16", "reference.count=40", "extractor=fmnist_classifier",
+                f"classifier={tiny_cfg.classifier.path}"]  # fmt: skip
+        cached = evaluate(compose("evaluate", overrides=[*base, "schedule=magnets_3333"]))
+        baseline = evaluate(compose("evaluate", overrides=[*base, "schedule=maskgit_12", "decode.cache=none"]))
+    with open(f"{runs}/fmnist/results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["schedule"] for r in rows] == ["magnets_3333", "maskgit_12"]
+    assert rows[0]["cache"] == "refresh_on_switch" and rows[0]["distill"] == "progressive" and rows[0]["samples"] == "30"
+    assert float(rows[0]["fid"]) >= 0 and 0 <= float(rows[0]["class_acc"]) <= 1
+    assert cached["gflops_per_sample"] < baseline["gflops_per_sample"]
+    assert (tmp_path / "runs" / "fmnist" / rows[0]["grid"]).is_file()
+    assert rows[0]["git_commit"] != ""
