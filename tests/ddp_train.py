@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import compose_config  # noqa: E402
 from magnets.data import fashion_mnist  # noqa: E402
-from magnets.train import train  # noqa: E402
+from magnets.pipeline import train  # noqa: E402
 
 fashion_mnist.PAYLOAD_SHA256 = json.loads(os.environ["TEST_PAYLOAD_SHA256"])
 

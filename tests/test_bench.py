@@ -11,7 +11,7 @@ from magnets.sampling import load_schedule, shipped_schedules
 
 
 def test_forward_flops_scale_with_width_and_match_a_hand_count():
-    cfg = TransformerConfig(codebook_size=10, num_tokens=4, num_classes=2, dim=16, depth=1, heads=1, mlp_dim=32)
+    cfg = TransformerConfig(codebook_size=10, grid=[4], num_classes=2, dim=16, depth=1, heads=1, mlp_dim=32)
     # width 1: qkv 16x48 + out 16x16 + mlp 16x32 + 32x16 per query; attention 2 x 4 x 16 per query; head 16x10.
     per_query = 2 * (16 * 48 + 16 * 16 + 16 * 32 + 32 * 16) + 2 * 2 * 4 * 16 + 2 * 16 * 10
     assert forward_flops(cfg, 1, 4) == 4 * per_query
@@ -21,7 +21,7 @@ def test_forward_flops_scale_with_width_and_match_a_hand_count():
 
 def test_bench_train_writes_side_by_side_json(tmp_path):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("bench", overrides=["model=tiny", "batch_size=2", "grid=4", "warmup=0", "repeats=1"])
+        cfg = compose("bench", overrides=["model=tiny", "batch_size=2", "grid=[4,4]", "warmup=0", "repeats=1"])
     result = bench_train(cfg)
     path = write_json(result, tmp_path / "bench" / "train.json")
     saved = json.loads(path.read_text())
@@ -39,7 +39,9 @@ def bench_config(overrides):
 
 
 def test_bench_decode_writes_one_record_per_configuration(tmp_path):
-    cfg = bench_config(["model=tiny", "batch_size=2", "grid=4", "warmup=0", "repeats=1", "decode_bench.caches=[none,no_refresh]"])
+    cfg = bench_config(
+        ["model=tiny", "batch_size=2", "grid=[4,4]", "warmup=0", "repeats=1", "decode_bench.caches=[none,no_refresh]"]
+    )
     result = bench_decode(cfg)
     path = write_json(result, tmp_path / "decode.json")
     saved = json.loads(path.read_text())
@@ -59,7 +61,7 @@ def test_bench_decode_writes_one_record_per_configuration(tmp_path):
 
 def test_magnets_needs_2_8x_fewer_gflops_than_maskgit_at_the_imagenet_geometry():
     """Model b, 16x16 tokens, K=12: magnets_3333 with refresh on switch against uncached maskgit_12."""
-    cfg = bench_model_config(bench_config(["model=b", "grid=16", "codebook_size=1024"]), [8, 4, 2, 1])
+    cfg = bench_model_config(bench_config(["model=b", "grid=[16,16]", "codebook_size=1024"]), [8, 4, 2, 1])
 
     def gflops(schedule, cache):
         work = planned_decode_work(cfg, load_schedule(schedule).width_per_step(cfg.widths), cache)

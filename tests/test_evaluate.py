@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import CONF_DIR
 from magnets.evaluate import RESULT_COLUMNS, append_result, evaluate
-from magnets.train import train
+from magnets.pipeline import train
 
 
 def row(i: int) -> dict:

@@ -3,11 +3,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import idx_payload
 from magnets.data import fashion_mnist
+from magnets.data.base import build_datamodule
 from magnets.data.fashion_mnist import ChecksumError, DataNotFoundError
-from magnets.data.images import FashionMNISTDataModule, build_image_datamodule, pad_to
+from magnets.data.images import FashionMNISTDataModule, pad_to
 
 
 def test_parse_idx_round_trip():
@@ -104,14 +106,15 @@ def test_datamodule_split_is_deterministic_and_disjoint(fake_fmnist):
     assert not np.array_equal(a.split_arrays("val")[0], c.split_arrays("val")[0])
     assert len(a.split_arrays("train")[0]) == 100 and len(a.split_arrays("test")[0]) == 40
     images, labels = next(iter(a.val_dataloader()))
-    assert images.shape == (20, 1, 32, 32) and images.dtype.is_floating_point and 0 <= images.min() <= images.max() <= 1
+    assert images.shape == (20, 1, 32, 32) and images.dtype == torch.uint8  # the media seam serves uint8
+    assert a.media_info() == {"kind": "image", "resolution": [32, 32], "channels": 1}
     with pytest.raises(ValueError, match=r"unknown split 'dev'; valid: \['train', 'val', 'test'\]"):
         a.split_arrays("dev")
 
 
-def test_build_image_datamodule_names_valid_datasets(tmp_path):
-    with pytest.raises(ValueError, match=r"no image datamodule for dataset 'mnist'; valid: \['fmnist'\]"):
-        build_image_datamodule({"name": "mnist", "module": {"root": str(tmp_path)}})
+def test_build_datamodule_names_valid_datasets(tmp_path):
+    with pytest.raises(ValueError, match=r"no media datamodule for dataset 'mnist'; valid: \['fmnist', 'kinetics600'"):
+        build_datamodule({"name": "mnist", "module": {"root": str(tmp_path)}})
 
 
 @pytest.mark.skipif(not fashion_mnist.DEBIAN_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")

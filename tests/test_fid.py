@@ -192,7 +192,7 @@ def fake_datamodule(root: Path) -> FashionMNISTDataModule:
 
 def test_classifier_fits_round_trips_and_extracts(fake_fmnist: Path, tmp_path: Path) -> None:
     path = tmp_path / "classifier" / "classifier.pt"
-    trained = fit_classifier(fake_datamodule(fake_fmnist), path, arch_kwargs=TINY_ARCH, epochs=1, progress=False)
+    trained = fit_classifier(fake_datamodule(fake_fmnist), path, arch_kwargs=TINY_ARCH, epochs=1, batch_size=16, progress=False)
     loaded = load_classifier(path)
     assert (loaded.arch, loaded.image_size, loaded.in_chans, loaded.num_classes) == ("resnet10t", 32, 1, 10)
     assert loaded.test_accuracy == pytest.approx(trained.test_accuracy)
@@ -219,7 +219,7 @@ def test_classifier_checkpoint_errors_are_clear(fake_fmnist: Path, tmp_path: Pat
         load_classifier(corrupt)
 
     path = tmp_path / "classifier.pt"
-    fit_classifier(fake_datamodule(fake_fmnist), path, arch_kwargs=TINY_ARCH, epochs=1, progress=False)
+    fit_classifier(fake_datamodule(fake_fmnist), path, arch_kwargs=TINY_ARCH, epochs=1, batch_size=16, progress=False)
     payload = torch.load(path, weights_only=True)
     payload["arch_kwargs"] = {**TINY_ARCH, "channels": [16, 16, 16, 16]}
     torch.save(payload, path)
@@ -263,7 +263,7 @@ def assert_real_close_noise_far(extractor: FeatureExtractor, sets: dict[str, tor
 def test_real_fmnist_fid_classifier_features(tmp_path: Path) -> None:
     """Real test vs real train is close and real vs noise far, in the features of a classifier fitted briefly here."""
     datamodule = FashionMNISTDataModule(fashion_mnist.DEBIAN_DIR, image_size=32, subset=1024)
-    fit_classifier(datamodule, tmp_path / "classifier.pt", arch_kwargs=TINY_ARCH, epochs=1, progress=False)
+    fit_classifier(datamodule, tmp_path / "classifier.pt", arch_kwargs=TINY_ARCH, epochs=1, batch_size=16, progress=False)
     assert_real_close_noise_far(build_extractor("fmnist_classifier", path=tmp_path / "classifier.pt"), real_sets(300))
 
 

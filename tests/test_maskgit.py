@@ -11,12 +11,14 @@ import lightning as L
 import pytest
 import torch
 
+from magnets.cli import check_train_config
 from magnets.data import fashion_mnist
+from magnets.errors import ConfigError
 from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.masking import mask_ratio, random_training_mask
-from magnets.train import train
+from magnets.pipeline import train
 
-MODEL = dict(codebook_size=16, num_tokens=8, num_classes=3, dim=32, depth=1, heads=1, mlp_dim=32, widths=[8, 4, 2, 1])
+MODEL = dict(codebook_size=16, grid=[8], num_classes=3, dim=32, depth=1, heads=1, mlp_dim=32, widths=[8, 4, 2, 1])
 
 
 def test_mask_ratio_schedules():
@@ -137,7 +139,9 @@ def test_killed_and_resumed_run_continues_the_unbroken_loss_curve(tiny_cfg, tmp_
 
 def test_resume_names_what_is_missing(tiny_cfg):
     tiny_cfg.resume = "last"
-    with pytest.raises(FileNotFoundError, match="resume=last: no .*checkpoints/last.ckpt to resume from"):
+    with pytest.raises(ConfigError, match=r"resume='last' is not valid; .*checkpoints/last.ckpt exists"):
+        check_train_config(tiny_cfg)  # found before any stage runs
+    with pytest.raises(ConfigError, match=r"resume='last' is not valid; .*checkpoints/last.ckpt exists"):
         train(tiny_cfg)
 
 

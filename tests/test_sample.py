@@ -8,8 +8,9 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from conftest import CONF_DIR
+from magnets.errors import ConfigError
+from magnets.pipeline import train
 from magnets.sample import sample
-from magnets.train import train
 
 
 def sample_config(overrides):
@@ -36,14 +37,16 @@ def test_sample_writes_a_class_grid_and_tokens_from_the_newest_checkpoint(tiny_c
     again = sample(sample_config([*base, "schedule=magnets_3333", f"out_dir={tmp_path / 'again'}"]))
     assert (again["tokens"] == out["tokens"]).all()  # same seed, same samples
 
-    with pytest.raises(ValueError, match=r"classes \[12\] do not exist"):
+    with pytest.raises(ConfigError, match=r"classes=\[12\] is not valid; valid: .*ids in 0\.\.9"):
         sample(sample_config([*base, "classes=[1,12]"]))
     with pytest.raises(ValueError, match=r"widths \[3\] .* configured widths"):
         sample(sample_config([*base, "schedule.widths=[3,1]", "schedule.steps=[6,6]"]))
 
 
 def test_sample_names_what_is_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"no .*/nothing/\*/checkpoints/last.ckpt; train first"):
+    with pytest.raises(
+        ConfigError, match=r"checkpoint='last' is not valid.*/nothing/\*/checkpoints/last.ckpt exists \(train first"
+    ):
         sample(sample_config([f"paths.runs={tmp_path}", "name=nothing"]))
     (tmp_path / "junk.ckpt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a readable checkpoint"):

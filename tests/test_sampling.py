@@ -20,7 +20,7 @@ def make_model(depth: int, seed: int = 0, dtype: torch.dtype = torch.float32) ->
     """A small nested model with large random weights, so that every token's context moves the logits."""
     torch.manual_seed(seed)
     cfg = TransformerConfig(
-        codebook_size=12, num_tokens=GRID, num_classes=3, dim=32, depth=depth, heads=2, mlp_dim=64, widths=WIDTHS
+        codebook_size=12, grid=[GRID], num_classes=3, dim=32, depth=depth, heads=2, mlp_dim=64, widths=WIDTHS
     )
     model = NestedTransformer(cfg)
     with torch.no_grad():
@@ -191,7 +191,7 @@ def test_planned_work_is_what_the_decoder_did(cache, guidance):
 def test_analytic_flops_match_the_flop_counter(cache, guidance):
     """The formula against torch's counter on a real decode (the CPU attention kernel given torch's SDPA formula)."""
     torch.manual_seed(0)
-    cfg = TransformerConfig(codebook_size=64, num_tokens=64, num_classes=3, dim=64, depth=2, heads=4, mlp_dim=128, widths=WIDTHS)
+    cfg = TransformerConfig(codebook_size=64, grid=[64], num_classes=3, dim=64, depth=2, heads=4, mlp_dim=128, widths=WIDTHS)
     model = NestedTransformer(cfg).eval()
     schedule = ModelSchedule("up", (8, 4, 2, 1), (2, 2, 2, 2)).width_per_step(WIDTHS)
     tokens, labels = torch.full((2, 64), cfg.mask_id), torch.tensor([0, 1])

@@ -12,9 +12,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import compose_config
 from magnets.data.shards import open_shard
+from magnets.files import file_sha256
 from magnets.lit.tokenizer import TokenizerModule
-from magnets.tokenize import file_sha256
-from magnets.train import train
+from magnets.pipeline import train
 
 
 def test_train_then_rerun_skips(tiny_cfg):

@@ -9,7 +9,7 @@ from torch import nn
 from conftest import CONF_DIR
 from magnets.models.transformer import MODEL_SIZES, NestedTransformer, TransformerConfig
 
-CFG = dict(codebook_size=20, num_tokens=12, num_classes=5, dim=32, depth=2, heads=2, mlp_dim=48, widths=[8, 4, 2, 1])
+CFG = dict(codebook_size=20, grid=[12], num_classes=5, dim=32, depth=2, heads=2, mlp_dim=48, widths=[8, 4, 2, 1])
 
 
 class DenseBlock(nn.Module):
@@ -134,11 +134,11 @@ def test_unknown_width_and_indivisible_sizes_name_the_valid_values():
     with pytest.raises(ValueError, match=r"dim=36 is not divisible by width factors \[8\]"):
         TransformerConfig(**{**CFG, "dim": 36})
     with pytest.raises(ValueError, match=r"unknown model size 'm'; valid: \['tiny', 'fmnist', 's', 'b', 'l', 'xl'\]"):
-        TransformerConfig.from_size("m", codebook_size=8, num_tokens=4, num_classes=2)
+        TransformerConfig.from_size("m", codebook_size=8, grid=[4], num_classes=2)
 
 
 def test_model_configs_match_the_size_registry():
     assert sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")) == sorted(MODEL_SIZES)
     for size, dims in MODEL_SIZES.items():
         assert dims["dim"] // dims["heads"] >= 48, size
-        TransformerConfig.from_size(size, codebook_size=512, num_tokens=64, num_classes=10)
+        TransformerConfig.from_size(size, codebook_size=512, grid=[64], num_classes=10)

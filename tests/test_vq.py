@@ -23,7 +23,7 @@ def test_encode_decode_shapes():
 
 def test_downsampling_factor_follows_channels():
     cfg = VQConfig(channels=[8, 8, 8, 8], image_size=32)
-    assert cfg.downsample_factor == 8 and cfg.grid_size == 4
+    assert cfg.downsample_factor == 8 and cfg.grid == (4, 4)
     assert VQTokenizer(cfg).encode(torch.rand(1, 1, 32, 32)).shape == (1, 4, 4)
 
 

@@ -1,7 +1,7 @@
 """Benchmarks, measured side by side in one process; JSON out.
 
-    python -m magnets.bench [task=decode] [model=s] [batch_size=8] [grid=16] [device=cpu]   (make bench)
-    python -m magnets.bench task=train [model=s] [batch_size=8] [grid=16]                  (make bench-train)
+    python -m magnets.bench [task=decode] [model=s] [batch_size=8] [grid=[16,16]] [device=cpu]   (make bench)
+    python -m magnets.bench task=train [model=s] [batch_size=8] [grid=[16,16]]                  (make bench-train)
 
 ``task=decode``: class-conditional decoding of a batch from all-[MASK] with
 every configured schedule x cache mode: ms per sample (median of repeats
@@ -18,9 +18,8 @@ not depend on them.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
+import math
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from magnets.cli import check_choice, check_decode, check_device, check_model, check_positive_int, check_schedule, run_entry
+from magnets.files import atomic_write_json
 from magnets.flops import decode_flops_per_sample, nested_training_flop_ratio, planned_decode_work
 from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.masking import random_training_mask
@@ -77,7 +78,7 @@ def bench_model_config(cfg: DictConfig, widths: list[int]) -> TransformerConfig:
     if cfg.model.size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {cfg.model.size!r}; valid: {list(MODEL_SIZES)}")
     return TransformerConfig.from_size(
-        cfg.model.size, codebook_size=cfg.codebook_size, num_tokens=cfg.grid**2, num_classes=cfg.num_classes, widths=widths
+        cfg.model.size, codebook_size=cfg.codebook_size, grid=list(cfg.grid), num_classes=cfg.num_classes, widths=widths
     )
 
 
@@ -206,7 +207,7 @@ def bench_train(cfg: DictConfig) -> dict[str, Any]:
     base = {
         **MODEL_SIZES[cfg.model.size],
         "codebook_size": cfg.codebook_size,
-        "num_tokens": cfg.grid**2,
+        "grid": list(cfg.grid),
         "num_classes": cfg.num_classes,
     }
     variants = {"nested": list(cfg.model.widths), "single": [1]}
@@ -215,7 +216,8 @@ def bench_train(cfg: DictConfig) -> dict[str, Any]:
         for name, widths in variants.items()
     }
     optimizers = {name: torch.optim.AdamW(module.parameters(), lr=1e-4) for name, module in modules.items()}
-    tokens = torch.randint(0, cfg.codebook_size, (cfg.batch_size, cfg.grid**2), device=device)
+    num_tokens = math.prod(cfg.grid)
+    tokens = torch.randint(0, cfg.codebook_size, (cfg.batch_size, num_tokens), device=device)
     labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device)
     times: dict[str, list[float]] = {name: [] for name in modules}
     for repeat in range(cfg.warmup + cfg.repeats):
@@ -231,7 +233,7 @@ def bench_train(cfg: DictConfig) -> dict[str, Any]:
                 "model": name,
                 "widths": variants[name],
                 "ms_per_step": 1000 * median,
-                "tokens_per_s": cfg.batch_size * cfg.grid**2 / median,
+                "tokens_per_s": cfg.batch_size * num_tokens / median,
                 "flops_ratio_vs_single": nested_training_flop_ratio(module.model.cfg) if name == "nested" else 1.0,
             }
         )
@@ -248,12 +250,7 @@ def bench_train(cfg: DictConfig) -> dict[str, Any]:
 
 def write_json(result: dict[str, Any], path: str | Path) -> Path:
     """Write ``result`` atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(path, result)
 
 
 def print_decode(result: dict[str, Any], path: Path) -> None:
@@ -279,13 +276,31 @@ def print_train(result: dict[str, Any], path: Path) -> None:
     )
 
 
-@hydra.main(config_path="../../conf", config_name="bench", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    if cfg.task not in TASKS:
-        raise ValueError(f"unknown bench task {cfg.task!r}; valid: {list(TASKS)}")
+def check_bench_config(cfg: DictConfig) -> None:
+    check_choice("task", cfg.task, TASKS)
+    check_choice("dtype", cfg.dtype, list(DTYPES))
+    check_model(cfg.model)
+    check_device(cfg.device)
+    check_decode(cfg.decode)
+    for key in ("batch_size", "repeats"):
+        check_positive_int(key, cfg[key])
+    for name in [cfg.decode_bench.baseline, *cfg.decode_bench.schedules]:
+        check_schedule(name, cfg.model.widths, key="decode_bench.schedules")
+    for cache in cfg.decode_bench.caches:
+        check_choice("decode_bench.caches", cache, CACHE_MODES)
+
+
+def run_bench(cfg: DictConfig) -> dict[str, Any]:
+    """The configured benchmark, written to ``cfg.out`` and printed as a table."""
     result = bench_decode(cfg) if cfg.task == "decode" else bench_train(cfg)
     path = write_json(result, cfg.out)
     (print_decode if cfg.task == "decode" else print_train)(result, path)
+    return result
+
+
+@hydra.main(config_path="../../conf", config_name="bench", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_entry(run_bench, cfg, check_bench_config)
 
 
 if __name__ == "__main__":

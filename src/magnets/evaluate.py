@@ -26,17 +26,18 @@ from typing import Any
 
 import hydra
 import torch
-import torchvision
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from magnets.data.images import build_image_datamodule
+from magnets.cli import check_evaluate_config, run_entry
+from magnets.data.base import build_datamodule
 from magnets.evaluation import balanced_labels, generate_images, measure_samples
 from magnets.lit.maskgit import load_maskgit
 from magnets.lit.tokenizer import load_tokenizer
+from magnets.media import save_media
 from magnets.metrics.fid import ClassifierFeatures, FeatureExtractor, FeatureStats, build_extractor, reference_stats
-from magnets.sample import resolve_checkpoint, save_atomically, tokenizer_checkpoint
+from magnets.runs import resolve_checkpoint, tokenizer_of_run
 from magnets.sampling import SamplingSettings, load_schedule
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def build_feature_extractor(name: str, classifier_path: str | Path, device: torc
 def real_reference(run_config: dict[str, Any], cfg: DictConfig, extractor: FeatureExtractor) -> FeatureStats:
     """Cached feature statistics of the first ``reference.count`` images of the real ``reference.split``."""
     data_cfg = run_config["data"]
-    datamodule = build_image_datamodule(data_cfg)
+    datamodule = build_datamodule(data_cfg)
     dataset = datamodule.dataset(cfg.reference.split)
     count = min(cfg.reference.count, len(dataset))
     subset = torch.utils.data.Subset(dataset, range(count))
@@ -112,7 +113,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     schedule = load_schedule(OmegaConf.to_container(cfg.schedule, resolve=True))
     width_per_step = schedule.width_per_step(model.cfg.widths)
     settings = SamplingSettings.from_config(cfg.decode)
-    tokenizer_path = cfg.tokenizer_checkpoint or tokenizer_checkpoint(run_config, checkpoint, cfg.paths.runs)
+    tokenizer_path = cfg.tokenizer_checkpoint or tokenizer_of_run(run_config, checkpoint, cfg.paths.runs)
     tokenizer = load_tokenizer(tokenizer_path, device)
     classifier = ClassifierFeatures(cfg.classifier).to(device).eval()
     extractor = build_feature_extractor(cfg.extractor, cfg.classifier, device)
@@ -130,15 +131,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
 
     results = Path(cfg.results)
-    grid_path = (
+    grid_stem = (
         results.parent
         / "grids"
-        / f"{checkpoint.parent.parent.name}_{schedule.name}_{cfg.decode.cache}_w{settings.guidance_scale:g}.png"
+        / f"{checkpoint.parent.parent.name}_{schedule.name}_{cfg.decode.cache}_w{settings.guidance_scale:g}"
     )
-    grid_path.parent.mkdir(parents=True, exist_ok=True)
     # first_images hold labels 0, 1, ..., C-1, 0, ...: C columns make one row per round of classes.
-    grid = torchvision.utils.make_grid(quality.first_images, nrow=model.cfg.num_classes, pad_value=0.5)
-    save_atomically(grid_path, lambda tmp: torchvision.utils.save_image(grid, tmp, format="png"))
+    grid_path = save_media(quality.first_images, grid_stem, nrow=model.cfg.num_classes)[0]
     row = {
         "experiment": cfg.name,
         "checkpoint": str(checkpoint),
@@ -168,7 +167,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(config_path="../../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    run_entry(evaluate, cfg, check_evaluate_config)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,15 @@ import torch
 from magnets.flops import decode_flops_per_sample
 from magnets.metrics.fid import FeatureAccumulator, FeatureExtractor, FeatureStats, frechet_distance
 from magnets.models.kv_cache import StepWork, build_tokens_to_logits
+from magnets.models.tokenizer import Tokenizer
 from magnets.models.transformer import NestedTransformer
-from magnets.models.vq import VQTokenizer
 from magnets.sampling import SamplingSettings, decode
 
 
 @dataclass
 class GeneratedBatch:
-    """Images ``[b, C, H, W]`` in [0, 1], the labels asked for ``[b]``, their tokens ``[b, N]``, the decode's work."""
+    """Media in [0, 1] (images ``[b, C, H, W]`` or clips ``[b, C, T, H, W]``), the labels asked for ``[b]``,
+    their tokens ``[b, N]``, the decode's work."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -38,7 +39,7 @@ def balanced_labels(samples: int, num_classes: int, device: torch.device | str =
 
 def generate_images(
     model: NestedTransformer,
-    tokenizer: VQTokenizer,
+    tokenizer: Tokenizer,
     labels: torch.Tensor,
     width_per_step: Sequence[int],
     settings: SamplingSettings,
@@ -47,11 +48,11 @@ def generate_images(
     batch_size: int = 100,
     generator: torch.Generator | None = None,
 ) -> Iterator[GeneratedBatch]:
-    """Decode one sample per label from all-[MASK], ``batch_size`` at a time, and turn the tokens into images."""
+    """Decode one sample per label from all-[MASK], ``batch_size`` at a time, and turn the tokens into media."""
     cfg = model.cfg
-    grid = tokenizer.cfg.grid_size
-    if grid * grid != cfg.num_tokens:
-        raise ValueError(f"the tokenizer makes {grid}x{grid} tokens but the model expects {cfg.num_tokens}")
+    grid = tuple(tokenizer.grid)
+    if list(grid) != list(cfg.grid):
+        raise ValueError(f"the tokenizer makes a {list(grid)} token grid but the model was trained on {cfg.grid}")
     tokens_to_logits = build_tokens_to_logits(model, cache, refresh_every)
     for batch_labels in labels.split(batch_size):
         initial = torch.full((len(batch_labels), cfg.num_tokens), cfg.mask_id, dtype=torch.long, device=labels.device)
@@ -59,7 +60,7 @@ def generate_images(
             tokens_to_logits, initial, batch_labels, width_per_step, settings,
             mask_id=cfg.mask_id, null_class=cfg.null_class, generator=generator,
         )  # fmt: skip
-        images = tokenizer.decode(result.tokens.view(-1, grid, grid))  # [b, C, H, W]
+        images = tokenizer.decode(result.tokens.view(-1, *grid))  # [b, N] -> [b, *grid] -> [b, C, *spatial]
         yield GeneratedBatch(images, batch_labels, result.tokens, result.work)
 
 
@@ -72,7 +73,7 @@ class SampleQuality:
     gflops_per_sample: float
     samples: int
     seconds: float
-    first_images: torch.Tensor  # [<= keep_images, C, H, W], for grids
+    first_images: torch.Tensor  # [<= keep_images, C, ...], for grids
 
 
 @torch.inference_mode()

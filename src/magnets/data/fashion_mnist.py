@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from magnets.errors import DataNotFoundError
+from magnets.files import atomic_write
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 OFFICIAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -36,10 +37,6 @@ SPLIT_FILES = {
 
 # idx type byte -> numpy dtype (big-endian where it matters).
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-class DataNotFoundError(FileNotFoundError):
-    """The dataset files are nowhere to be found and could not be downloaded."""
 
 
 class ChecksumError(ValueError):
@@ -100,18 +97,13 @@ def find_file(name: str, search_dirs: list[Path]) -> Path | None:
 
 def download_file(name: str, directory: Path, base_url: str = OFFICIAL_URL, timeout: float = 30.0) -> Path:
     """Download ``name.gz`` into ``directory`` atomically; raise ``OSError`` when offline."""
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"{name}.gz"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(base_url + f"{name}.gz", timeout=timeout) as resp:
+
+    def fetch(tmp: Path) -> None:
+        with open(tmp, "wb") as out, urllib.request.urlopen(base_url + f"{name}.gz", timeout=timeout) as resp:
             while chunk := resp.read(1 << 20):
                 out.write(chunk)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return target
+
+    return atomic_write(directory / f"{name}.gz", fetch)
 
 
 def missing_data_message(root: Path, missing: list[str], download_error: str) -> str:

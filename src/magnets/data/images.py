@@ -1,8 +1,7 @@
-"""Image datasets and the Fashion-MNIST LightningDataModule."""
+"""Image datasets and the Fashion-MNIST media datamodule (``magnets.data.base``)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +11,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from magnets.data import fashion_mnist
-
-SPLITS = ("train", "val", "test")
+from magnets.data.base import check_split
 
 
 class ImageArrayDataset(Dataset):
-    """Images ``[N, C, H, W]`` uint8 held in memory, served as float ``[0, 1]`` with int64 labels."""
+    """Images ``[N, C, H, W]`` uint8 held in memory, served as uint8 ``[C, H, W]`` with int64 labels."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
         if len(images) != len(labels):
@@ -29,7 +27,7 @@ class ImageArrayDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index].float().div_(255), self.labels[index]
+        return self.images[index], self.labels[index]
 
 
 def pad_to(images: np.ndarray, size: int) -> np.ndarray:
@@ -81,10 +79,12 @@ class FashionMNISTDataModule(L.LightningDataModule):
         # Locates (and if need be downloads) the files once per node, before setup.
         fashion_mnist.locate(self.root, self.download_url, self.search_debian)
 
+    def media_info(self) -> dict[str, Any]:
+        return {"kind": "image", "resolution": [self.image_size, self.image_size], "channels": 1}
+
     def split_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Images ``[N, 1, S, S]`` uint8 and labels ``[N]`` of ``train``, ``val`` or ``test``."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; valid: {list(SPLITS)}")
+        check_split(split)
         if not self._splits:
             self._load()
         return self._splits[split]
@@ -131,14 +131,3 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
-
-
-IMAGE_DATAMODULES = {"fmnist": FashionMNISTDataModule}
-
-
-def build_image_datamodule(cfg: Mapping[str, Any]) -> FashionMNISTDataModule:
-    """The datamodule named by ``cfg['name']``, built from ``cfg['module']`` (the ``data`` config group)."""
-    name = cfg["name"]
-    if name not in IMAGE_DATAMODULES:
-        raise ValueError(f"no image datamodule for dataset {name!r}; valid: {sorted(IMAGE_DATAMODULES)}")
-    return IMAGE_DATAMODULES[name](**cfg["module"])

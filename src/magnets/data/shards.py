@@ -15,9 +15,10 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -38,13 +39,14 @@ class ShardMeta:
     dataset: str
     split: str
     count: int
-    grid: list[int]  # token grid shape, e.g. [8, 8]; tokens per item = prod(grid)
+    grid: list[int]  # token grid shape, [h, w] or [t, h, w]; tokens per item = prod(grid)
     codebook_size: int
     tokenizer_checkpoint: str
     tokenizer_sha256: str
     flip_augmented: bool
     created: str
     format_version: int = FORMAT_VERSION
+    media: dict[str, Any] = field(default_factory=dict)  # the datamodule's media_info(): kind, resolution, frames, ...
 
     @property
     def tokens_per_item(self) -> int:

@@ -7,11 +7,11 @@ from typing import Any
 
 import lightning as L
 import torch
-import torchvision
 
 from magnets.evaluation import balanced_labels, generate_images, measure_samples
+from magnets.media import log_media
 from magnets.metrics.fid import ClassifierFeatures, FeatureStats
-from magnets.models.vq import VQTokenizer
+from magnets.models.tokenizer import Tokenizer
 from magnets.sampling import SamplingSettings, load_schedule
 
 
@@ -30,7 +30,7 @@ class SamplingValidation(L.Callback):
 
     def __init__(
         self,
-        tokenizer: VQTokenizer,
+        tokenizer: Tokenizer,
         classifier: ClassifierFeatures,
         reference: FeatureStats,
         schedules: Sequence[str],
@@ -97,7 +97,4 @@ class SamplingValidation(L.Callback):
 
     @staticmethod
     def _add_grid(experiment: Any, tag: str, images: torch.Tensor, columns: int, trainer: L.Trainer) -> None:
-        if experiment is None or not hasattr(experiment, "add_image") or len(images) == 0:
-            return
-        grid = torchvision.utils.make_grid(images, nrow=columns, pad_value=0.5)  # [C, rows*(H+2), columns*(W+2)]
-        experiment.add_image(tag, grid, trainer.global_step)
+        log_media(experiment, tag, images, trainer.global_step, nrow=columns)

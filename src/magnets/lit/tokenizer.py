@@ -1,4 +1,4 @@
-"""LightningModule that trains the VQ image tokenizer."""
+"""LightningModule that trains a tokenizer of any registered kind (2D VQ images, causal 3D clips)."""
 
 from __future__ import annotations
 
@@ -8,28 +8,38 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-import torchvision
 from torchmetrics import MeanMetric
-from torchmetrics.image import PeakSignalNoiseRatio
 
+from magnets.data.base import to_unit_float
 from magnets.lit.checkpoints import load_model_weights, read_checkpoint
 from magnets.lit.optim import warmup_cosine
+from magnets.media import log_media
 from magnets.metrics.codebook import CodebookUsage
-from magnets.models.vq import VQConfig, VQTokenizer
+from magnets.models.tokenizer import build_tokenizer
+from magnets.models.vq import VectorQuantizer
+
+
+def psnr_per_item(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of each item of a batch in ``[0, 1]``: ``[B, ...]`` -> ``[B]``."""
+    mse = (recon.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
 class TokenizerModule(L.LightningModule):
-    """Reconstruction (MSE) + codebook/commitment loss, with dead-code restarts.
+    """Reconstruction (MSE) + quantizer loss; dead-code restarts for a VQ quantizer.
 
-    Metrics, per split (``val``, ``test``): ``recon_loss``, ``psnr`` (per-image
-    mean, measured on the centred ``content_size`` crop so that padding does
-    not flatter it), ``codebook_usage`` (fraction of codes used on the whole
-    split) and ``perplexity``.
+    Batches are ``(uint8 media, labels)`` from a media datamodule: images
+    ``[B, C, H, W]`` or clips ``[B, C, T, H, W]``. Metrics, per split (``val``,
+    ``test``): ``recon_loss``, ``psnr`` (per-item mean, measured on the centred
+    ``content_size`` crop so that padding does not flatter it),
+    ``codebook_usage`` (fraction of codes used on the whole split) and
+    ``perplexity``.
     """
 
     def __init__(
         self,
         model: dict[str, Any],
+        kind: str = "vq2d",
         lr: float = 2e-3,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.99),
@@ -42,16 +52,12 @@ class TokenizerModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = VQTokenizer(VQConfig(**model))
-        codebook_size = self.model.cfg.codebook_size
+        self.model = build_tokenizer(kind, model)
+        codebook_size = self.model.codebook_size
         self.metrics = torch.nn.ModuleDict(
             {
                 split: torch.nn.ModuleDict(
-                    {
-                        "recon_loss": MeanMetric(),
-                        "psnr": PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3)),
-                        "usage": CodebookUsage(codebook_size),
-                    }
+                    {"recon_loss": MeanMetric(), "psnr": MeanMetric(), "usage": CodebookUsage(codebook_size)}
                 )
                 for split in ("val", "test")
             }
@@ -65,17 +71,19 @@ class TokenizerModule(L.LightningModule):
         return images[..., margin : margin + size, margin : margin + size]
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        images, _ = batch
-        recon, ids, vq_loss, latents = self.model(images)
-        recon_loss = F.mse_loss(recon, images)
+        media = to_unit_float(batch[0])
+        recon, ids, vq_loss, latents = self.model(media)
+        recon_loss = F.mse_loss(recon, media)
         loss = recon_loss + vq_loss
         self.log_dict({"train/loss": loss, "train/recon_loss": recon_loss, "train/vq_loss": vq_loss}, prog_bar=True)
-        counts = torch.bincount(ids.flatten(), minlength=self.model.cfg.codebook_size).float()
+        counts = torch.bincount(ids.flatten(), minlength=self.model.codebook_size).float()
         # The codebook may only change after the optimizer step: on_train_batch_end gets these.
         return {"loss": loss, "latents": latents.detach(), "counts": counts}
 
     def on_train_batch_end(self, outputs: dict[str, torch.Tensor], batch: Any, batch_idx: int) -> None:
         quantizer = self.model.quantizer
+        if not isinstance(quantizer, VectorQuantizer):  # FSQ has no codebook to restart
+            return
         counts = self.trainer.strategy.reduce(outputs["counts"], reduce_op="sum")
         quantizer.update_usage(counts, self.hparams.usage_decay)
         if (self.global_step % self.hparams.restart_every) != 0:
@@ -83,7 +91,7 @@ class TokenizerModule(L.LightningModule):
         dead = quantizer.dead_codes(self.hparams.dead_threshold)
         if len(dead):
             latents = outputs["latents"]
-            flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])  # [B*h*w, D]
+            flat = latents.movedim(1, -1).reshape(-1, latents.shape[1])  # [B * prod(grid), D]
             pick = torch.randint(0, len(flat), (len(dead),), device=flat.device)
             # Every process restarts the same codes with rank 0's encoder outputs.
             # (moved through the CPU: a pickled CUDA tensor would land on rank 0's device)
@@ -92,15 +100,16 @@ class TokenizerModule(L.LightningModule):
         self.log("train/dead_codes_restarted", float(len(dead)))
 
     def _eval_step(self, split: str, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, _ = batch
-        recon, ids, _, _ = self.model(images)
+        media = to_unit_float(batch[0])
+        recon, ids, _, _ = self.model(media)
         recon = recon.clamp(0, 1)
         metrics = self.metrics[split]
-        metrics["recon_loss"].update(F.mse_loss(recon, images))
-        metrics["psnr"].update(self._crop(recon), self._crop(images))
+        metrics["recon_loss"].update(F.mse_loss(recon, media))
+        psnr = psnr_per_item(self._crop(recon), self._crop(media))
+        metrics["psnr"].update(psnr, weight=torch.ones_like(psnr))
         metrics["usage"].update(ids)
         if batch_idx == 0:
-            self._log_grid(split, images, recon)
+            self._log_reconstructions(split, media, recon)
 
     def _log_epoch(self, split: str) -> None:
         metrics = self.metrics[split]
@@ -118,20 +127,13 @@ class TokenizerModule(L.LightningModule):
         for metric in metrics.values():
             metric.reset()
 
-    def _log_grid(self, split: str, images: torch.Tensor, recon: torch.Tensor) -> None:
-        """Originals (odd rows) above their reconstructions (even rows)."""
-        experiment = getattr(self.logger, "experiment", None)
-        if experiment is None or not hasattr(experiment, "add_image") or self.trainer.sanity_checking:
+    def _log_reconstructions(self, split: str, media: torch.Tensor, recon: torch.Tensor) -> None:
+        """Each original beside its reconstruction: pairs of images in a grid, or alternating rows of frames."""
+        if self.trainer.sanity_checking or self.logger is None:
             return
-        n = min(self.hparams.grid_images, len(images))
-        per_row = 8
-        n -= n % per_row
-        if n == 0:
-            return
-        rows = [x[:n].view(n // per_row, per_row, *x.shape[1:]) for x in (images, recon)]  # 2 x [rows, 8, C, H, W]
-        interleaved = torch.stack(rows, dim=1).flatten(0, 2)  # [2 * n, C, H, W]: a row of originals, then their recons
-        grid = torchvision.utils.make_grid(interleaved, nrow=per_row, pad_value=0.5)  # [C, 2 * rows * (H+2), 8 * (W+2)]
-        experiment.add_image(f"{split}/reconstructions", grid, self.global_step)
+        n = min(self.hparams.grid_images, len(media))
+        pairs = torch.stack([media[:n], recon[:n]], dim=1).flatten(0, 1)  # [2n, C, ...]: original, reconstruction, ...
+        log_media(getattr(self.logger, "experiment", None), f"{split}/reconstructions", pairs, self.global_step, nrow=8)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch, batch_idx)
@@ -153,7 +155,9 @@ class TokenizerModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def load_tokenizer(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> VQTokenizer:
-    """The VQ tokenizer stored in a :class:`TokenizerModule` checkpoint, in eval mode."""
+def load_tokenizer(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """The tokenizer stored in a :class:`TokenizerModule` checkpoint, in eval mode (any registered kind)."""
     ckpt = read_checkpoint(checkpoint, "tokenizer", map_location)
-    return load_model_weights(VQTokenizer(VQConfig(**ckpt["hyper_parameters"]["model"])), ckpt, checkpoint)
+    hparams = ckpt["hyper_parameters"]
+    model = build_tokenizer(hparams.get("kind", "vq2d"), hparams["model"])
+    return load_model_weights(model, ckpt, checkpoint)

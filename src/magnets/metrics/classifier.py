@@ -14,8 +14,6 @@ count, and the test accuracy; it is written atomically and checked on load.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from magnets.data.images import FashionMNISTDataModule
+from magnets.data.base import MediaDataModule, to_unit_float
+from magnets.files import atomic_write
 
 CHECKPOINT_FORMAT = "magnets.classifier.v1"
 DEFAULT_ARCH = "resnet10t"
@@ -62,19 +61,19 @@ def build_model(arch: str, arch_kwargs: dict[str, Any], in_chans: int, num_class
 
 @torch.no_grad()
 def accuracy(model: nn.Module, loader: DataLoader) -> float:
-    """Top-1 accuracy of ``model`` over ``(images, labels)`` batches."""
+    """Top-1 accuracy of ``model`` over ``(uint8 images, labels)`` batches."""
     was_training = model.training
     model.eval()
     correct = total = 0
     for images, labels in loader:
-        correct += int((model(images).argmax(dim=1) == labels).sum())
+        correct += int((model(to_unit_float(images)).argmax(dim=1) == labels).sum())
         total += len(labels)
     model.train(was_training)
     return correct / max(total, 1)
 
 
 def fit_classifier(
-    datamodule: FashionMNISTDataModule,
+    datamodule: MediaDataModule,
     out_path: str | Path,
     arch: str = DEFAULT_ARCH,
     arch_kwargs: dict[str, Any] | None = None,
@@ -82,29 +81,31 @@ def fit_classifier(
     epochs: int = 4,
     lr: float = 3e-3,
     weight_decay: float = 0.05,
+    batch_size: int = 128,
     seed: int = 0,
     progress: bool = True,
 ) -> Classifier:
     """Train a classifier on ``datamodule``'s train split, test it on its test split, save it to ``out_path``.
 
-    AdamW with one-cycle learning rate, random horizontal flips; the batch
-    size is the datamodule's. Returns the trained classifier (in eval mode).
+    AdamW with one-cycle learning rate, random horizontal flips. Returns the
+    trained classifier (in eval mode).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     arch_kwargs = dict(DEFAULT_ARCH_KWARGS if arch_kwargs is None else arch_kwargs)
     torch.manual_seed(seed)
-    datamodule.setup("fit")
-    train_loader, test_loader = datamodule.train_dataloader(), datamodule.test_dataloader()
-    in_chans = datamodule.dataset("train")[0][0].shape[0]
-    top_label = int(datamodule.split_arrays("train")[1].max())
-    if top_label >= num_classes:
-        raise ValueError(f"the train split has label {top_label}, which num_classes={num_classes} does not cover")
+    train_set, test_set = datamodule.dataset("train"), datamodule.dataset("test")
+    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True)
+    test_loader = DataLoader(test_set, batch_size=batch_size)
+    first_image = train_set[0][0]  # uint8 [C, H, W]
+    if first_image.ndim != 3 or first_image.shape[-1] != first_image.shape[-2]:
+        raise ValueError(f"the classifier takes square images [C, H, W]; the datamodule gives {list(first_image.shape)}")
+    in_chans, image_size = first_image.shape[0], first_image.shape[-1]
     model = build_model(arch, arch_kwargs, in_chans, num_classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     total_steps = epochs * len(train_loader)
     if total_steps < 1:
-        raise ValueError(f"the train split has fewer images than one batch ({datamodule.batch_size}): nothing to train on")
+        raise ValueError(f"the train split has fewer images than one batch ({batch_size}): nothing to train on")
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.15)
 
     start = time.perf_counter()
@@ -112,6 +113,10 @@ def fit_classifier(
     with tqdm(total=total_steps, desc=f"fit classifier {arch}", unit="step", disable=not progress) as bar:
         for epoch in range(epochs):
             for images, labels in train_loader:
+                top_label = int(labels.max())
+                if top_label >= num_classes:
+                    raise ValueError(f"the train split has label {top_label}, which num_classes={num_classes} does not cover")
+                images = to_unit_float(images)
                 flip = torch.rand(len(images)) < 0.5
                 images = torch.where(flip[:, None, None, None], images.flip(-1), images)
                 loss = F.cross_entropy(model(images), labels)
@@ -126,15 +131,13 @@ def fit_classifier(
     if progress:
         tqdm.write(f"classifier {arch}: test accuracy {test_accuracy:.4f} after {time.perf_counter() - start:.0f} s")
 
-    classifier = Classifier(model, arch, datamodule.image_size, in_chans, num_classes, test_accuracy, arch_kwargs)
+    classifier = Classifier(model, arch, image_size, in_chans, num_classes, test_accuracy, arch_kwargs)
     save_classifier(classifier, out_path)
     return classifier
 
 
 def save_classifier(classifier: Classifier, path: str | Path) -> None:
     """Write ``classifier`` to ``path`` atomically (temp file in the same directory, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "arch": classifier.arch,
@@ -145,15 +148,7 @@ def save_classifier(classifier: Classifier, path: str | Path) -> None:
         "test_accuracy": classifier.test_accuracy,
         "state_dict": classifier.model.state_dict(),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.chmod(tmp, 0o644)  # mkstemp creates it private
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:

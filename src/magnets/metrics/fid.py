@@ -31,13 +31,9 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib.metadata
 import itertools
-import os
 import re
-import tempfile
 import urllib.error
 import warnings
 import zipfile
@@ -53,6 +49,8 @@ from torch.utils.data import DataLoader
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 
+from magnets.data.base import to_unit_float
+from magnets.files import atomic_write, file_sha256
 from magnets.metrics.classifier import load_classifier
 
 DEFAULT_EXTRACTOR = "inception_offline"
@@ -118,19 +116,9 @@ class FeatureStats:
 
     def save(self, path: str | Path) -> None:
         """Write to ``path`` (``.npz``) atomically: a temp file in the same directory, then rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"mean": self.mean.cpu().numpy(), "cov": self.cov.cpu().numpy(), "count": np.int64(self.count)}
         arrays.update({f"meta_{key}": np.str_(value) for key, value in self.meta.items()})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.chmod(tmp, 0o644)  # mkstemp creates it private
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:
@@ -183,21 +171,6 @@ class FeatureAccumulator:
 def fid(a: FeatureStats, b: FeatureStats) -> float:
     """Fréchet distance between two sets of statistics."""
     return frechet_distance(a.mean, a.cov, b.mean, b.cov)
-
-
-@functools.lru_cache(maxsize=16)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, remembered while its size and mtime stay the same."""
-    stat = os.stat(path)
-    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 def _drop_own_weights(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -405,12 +378,17 @@ def build_extractor(name: str = DEFAULT_EXTRACTOR, **kwargs) -> FeatureExtractor
 
 @torch.no_grad()
 def feature_stats(batches: Iterable, extractor: FeatureExtractor, desc: str = "features", progress: bool = True) -> FeatureStats:
-    """Statistics of ``extractor``'s features over image batches ``[B, C, H, W]`` (or ``(images, labels)`` batches)."""
+    """Statistics of ``extractor``'s features over image batches ``[B, C, H, W]`` (or ``(images, labels)`` batches).
+
+    Float images are in ``[0, 1]``; uint8 ones (a media datamodule's) are converted.
+    """
     total = len(batches.dataset) if isinstance(batches, DataLoader) else None  # type: ignore[arg-type]
     accumulator = FeatureAccumulator()
     with tqdm(total=total, desc=desc, unit="img", disable=not progress, mininterval=2.0) as bar:
         for batch in batches:
             images = batch[0] if isinstance(batch, tuple | list) else batch
+            if images.dtype == torch.uint8:
+                images = to_unit_float(images)
             accumulator.update(extractor(images.to(extractor.device)))
             bar.update(len(images))
     return accumulator.stats()

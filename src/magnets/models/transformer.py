@@ -13,6 +13,7 @@ cache written at one width can be read at another (``models/kv_cache.py``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -44,7 +45,7 @@ class TransformerConfig:
     """
 
     codebook_size: int
-    num_tokens: int
+    grid: list[int]  # the tokenizer's token grid: (h, w) or (t, h, w)
     num_classes: int
     dim: int
     depth: int
@@ -53,6 +54,9 @@ class TransformerConfig:
     widths: list[int] = field(default_factory=lambda: [8, 4, 2, 1])
 
     def __post_init__(self) -> None:
+        self.grid = [int(g) for g in self.grid]  # a plain list whatever came in (tuple, ListConfig)
+        if not self.grid or min(self.grid) < 1:
+            raise ValueError(f"grid must list positive sides, got {self.grid}")
         bad = [p for p in self.widths if p < 1 or self.dim % p]
         if bad:
             raise ValueError(f"dim={self.dim} is not divisible by width factors {bad}; widths must divide dim: {self.widths}")
@@ -67,6 +71,11 @@ class TransformerConfig:
         if size not in MODEL_SIZES:
             raise ValueError(f"unknown model size {size!r}; valid: {list(MODEL_SIZES)}")
         return cls(**MODEL_SIZES[size], **fields)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per item: the product of the grid's sides."""
+        return math.prod(self.grid)
 
     @property
     def mask_id(self) -> int:
@@ -141,7 +150,7 @@ class NestedTransformer(nn.Module):
         self.cfg = cfg
         self.token_emb = nn.Embedding(cfg.codebook_size + 1, cfg.dim)  # + [MASK]
         self.class_emb = nn.Embedding(cfg.num_classes + 1, cfg.dim)  # + null class
-        self.pos_emb = nn.Parameter(torch.zeros(cfg.num_tokens, cfg.dim))
+        self.pos_emb = nn.Parameter(torch.zeros(cfg.num_tokens, cfg.dim))  # a learned entry per grid cell, row-major
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.codebook_size)

@@ -49,9 +49,10 @@ class VQConfig:
         return 2 ** (len(self.channels) - 1)
 
     @property
-    def grid_size(self) -> int:
-        """Side of the token grid: ``image_size / downsample_factor``."""
-        return self.image_size // self.downsample_factor
+    def grid(self) -> tuple[int, int]:
+        """Token grid ``(h, w)``: ``image_size / downsample_factor`` on each side."""
+        side = self.image_size // self.downsample_factor
+        return (side, side)
 
 
 class ResBlock(nn.Module):
@@ -122,23 +123,23 @@ class VectorQuantizer(nn.Module):
         return F.normalize(self.codebook, dim=1)
 
     def lookup(self, latents: torch.Tensor) -> torch.Tensor:
-        """Code ids of the nearest codes: ``[B, D, h, w]`` -> ``[B, h, w]``."""
-        b, d, h, w = latents.shape
-        flat = F.normalize(latents.float(), dim=1).permute(0, 2, 3, 1).reshape(-1, d)  # [B*h*w, D]
+        """Code ids of the nearest codes: ``[B, D, *grid]`` -> ``[B, *grid]``."""
+        d = latents.shape[1]
+        flat = F.normalize(latents.float(), dim=1).movedim(1, -1).reshape(-1, d)  # [B * prod(grid), D]
         # On the unit sphere the nearest code is the one of largest cosine.
         with torch.autocast(latents.device.type, enabled=False):  # code choice in fp32, as in tokenization
             ids = (flat @ self.normalized_codebook().float().t()).argmax(dim=1)
-        return ids.view(b, h, w)
+        return ids.view(latents.shape[0], *latents.shape[2:])
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Code vectors of code ids: ``[B, h, w]`` -> ``[B, D, h, w]``."""
-        return F.embedding(ids, self.normalized_codebook()).permute(0, 3, 1, 2)
+        """Code vectors of code ids: ``[B, *grid]`` -> ``[B, D, *grid]``."""
+        return F.embedding(ids, self.normalized_codebook()).movedim(-1, 1)
 
     def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Quantise ``latents`` ``[B, D, h, w]``.
+        """Quantise ``latents`` ``[B, D, *grid]``.
 
         Returns the quantised latents (straight-through), the code ids
-        ``[B, h, w]`` and the codebook + commitment loss.
+        ``[B, *grid]`` and the codebook + commitment loss.
         """
         latents = F.normalize(latents, dim=1)
         ids = self.lookup(latents)
@@ -167,7 +168,7 @@ class VectorQuantizer(nn.Module):
 
 
 class VQTokenizer(nn.Module):
-    """Images in ``[0, 1]`` to code ids and back."""
+    """Images in ``[0, 1]`` to code ids and back (the ``vq2d`` kind of ``magnets.models.tokenizer``)."""
 
     def __init__(self, cfg: VQConfig) -> None:
         super().__init__()
@@ -175,6 +176,14 @@ class VQTokenizer(nn.Module):
         self.encoder = Encoder(cfg)
         self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.commitment_weight)
         self.decoder = Decoder(cfg)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.cfg.grid
+
+    @property
+    def codebook_size(self) -> int:
+        return self.cfg.codebook_size
 
     def _check_images(self, images: torch.Tensor) -> None:
         expected = (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
@@ -198,7 +207,6 @@ class VQTokenizer(nn.Module):
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Code ids ``[B, h, w]`` -> images ``[B, C, H, W]`` clamped to ``[0, 1]``."""
-        if ids.dim() != 3 or ids.shape[1:] != (self.cfg.grid_size, self.cfg.grid_size):
-            g = self.cfg.grid_size
-            raise ValueError(f"expected code ids of shape [B, {g}, {g}], got {list(ids.shape)}")
+        if tuple(ids.shape[1:]) != self.grid:
+            raise ValueError(f"expected code ids of shape [B, {', '.join(map(str, self.grid))}], got {list(ids.shape)}")
         return (self.decoder(self.quantizer.embed(ids)) * 0.5 + 0.5).clamp(0, 1)

@@ -1,0 +1,164 @@
+"""What every entry point does around its work: check the whole config first, and turn user errors into one line.
+
+``run_entry(task, cfg, check)`` runs ``check(cfg)`` before any model is
+loaded or progress bar shown, then ``task(cfg)``; a
+:class:`magnets.errors.UserError` from either (a bad config value, a missing
+dataset, a mismatched checkpoint or shard) ends the process with
+``error: <message>`` on stderr and exit status 2, not a traceback.
+
+The ``check_*`` functions raise :class:`magnets.errors.ConfigError` naming
+the key, the value and the valid values.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from magnets.data.base import DATAMODULES, SPLITS
+from magnets.errors import ConfigError, UserError
+from magnets.lit.maskgit import DISTILL_MODES
+from magnets.masking import MASK_SCHEDULES
+from magnets.metrics.fid import EXTRACTORS
+from magnets.models.kv_cache import CACHE_MODES
+from magnets.models.tokenizer import TOKENIZER_KINDS, tokenizer_config
+from magnets.models.transformer import MODEL_SIZES
+from magnets.runs import resume_checkpoint
+from magnets.sampling import GUIDANCE_RAMPS, load_schedule, shipped_schedules
+
+T = TypeVar("T")
+
+
+def run_entry(task: Callable[[DictConfig], T], cfg: DictConfig, check: Callable[[DictConfig], None] | None = None) -> T:
+    """``check(cfg)`` then ``task(cfg)``; a user error exits with status 2 and one line on stderr."""
+    try:
+        if check is not None:
+            check(cfg)
+        return task(cfg)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def check_choice(key: str, value: Any, valid: Iterable[Any]) -> None:
+    valid = list(valid)
+    if value not in valid:
+        raise ConfigError(key, value, valid)
+
+
+def check_positive_int(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(key, value, "a positive integer")
+
+
+def check_decode(decode: Mapping[str, Any], key: str = "decode") -> None:
+    """The ``decode`` group: sampling settings, cache mode and refresh period."""
+
+    check_choice(f"{key}.cache", decode["cache"], CACHE_MODES)
+    check_positive_int(f"{key}.refresh_every", decode["refresh_every"])
+    check_choice(f"{key}.mask_schedule", decode["mask_schedule"], sorted(MASK_SCHEDULES))
+    check_choice(f"{key}.guidance_ramp", decode["guidance_ramp"], GUIDANCE_RAMPS)
+    for name, low, inclusive in (
+        ("temperature", 0.0, False), ("temperature_anneal", 0.0, True),
+        ("choice_temperature", 0.0, True), ("guidance_scale", 0.0, True),
+    ):  # fmt: skip
+        value = decode[name]
+        if not isinstance(value, int | float) or value < low or (value == low and not inclusive):
+            raise ConfigError(f"{key}.{name}", value, f"a number {'>=' if inclusive else '>'} {low:g}")
+
+
+def check_schedule(schedule: Any, widths: Iterable[int] | None = None, key: str = "schedule") -> None:
+    """A schedule name or mapping that loads, and (given ``widths``) names only widths the model has."""
+
+    if isinstance(schedule, DictConfig):
+        schedule = OmegaConf.to_container(schedule, resolve=True)
+    try:
+        loaded = load_schedule(schedule)
+    except ValueError as err:
+        raise ConfigError(key, schedule, f"one of {shipped_schedules()} or a mapping of name, widths, steps ({err})") from err
+    if widths is not None:
+        unknown = [p for p in loaded.widths if p not in list(widths)]
+        if unknown:
+            raise ConfigError(f"{key}.widths", list(loaded.widths), f"widths of the model: {list(widths)}")
+
+
+def check_model(model: Mapping[str, Any], key: str = "model") -> None:
+
+    check_choice(f"{key}.size", model["size"], list(MODEL_SIZES))
+    dim = MODEL_SIZES[model["size"]]["dim"]
+    widths = list(model["widths"])
+    if 1 not in widths or any(not isinstance(p, int) or p < 1 or dim % p for p in widths):
+        raise ConfigError(f"{key}.widths", widths, f"positive divisors of dim={dim} including 1, e.g. [8, 4, 2, 1]")
+
+
+def check_tokenizer(tokenizer: Mapping[str, Any], key: str = "tokenizer") -> None:
+
+    check_choice(f"{key}.kind", tokenizer["kind"], sorted(TOKENIZER_KINDS))
+    try:
+        tokenizer_config(tokenizer["kind"], tokenizer["model"])
+    except ValueError as err:
+        raise ConfigError(f"{key}.model", dict(tokenizer["model"]), f"a valid {tokenizer['kind']} config ({err})") from err
+
+
+def check_data(data: Mapping[str, Any], key: str = "data") -> None:
+
+    if not data["pretokenized"]:
+        check_choice(f"{key}.name", data["name"], sorted(DATAMODULES))
+    check_positive_int(f"{key}.num_classes", data["num_classes"])
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Everything ``python -m magnets.train`` reads, before any stage starts."""
+
+    check_data(cfg.data)
+    check_tokenizer(cfg.tokenizer)
+    check_model(cfg.model)
+    check_choice("distill.mode", cfg.distill.mode, DISTILL_MODES)
+    check_choice("logger.kind", cfg.logger.kind, ("tensorboard", "csv"))
+    check_decode(cfg.decode)
+    check_positive_int("maskgit.batch_size", cfg.maskgit.batch_size)
+    check_positive_int("maskgit.trainer.max_steps", cfg.maskgit.trainer.max_steps)
+    resume_checkpoint(cfg)  # null, or a checkpoint that exists
+    if cfg.sample_validation.enabled:
+        for name in cfg.sample_validation.schedules:
+            check_schedule(name, key="sample_validation.schedules")
+        check_positive_int("sample_validation.samples", cfg.sample_validation.samples)
+        check_positive_int("sample_validation.batch_size", cfg.sample_validation.batch_size)
+
+
+def check_decode_entry(cfg: DictConfig) -> None:
+    """What ``sample`` and ``evaluate`` share: schedule, decode settings, batch size, device, seed."""
+    check_schedule(cfg.schedule)
+    check_decode(cfg.decode)
+    check_positive_int("batch_size", cfg.batch_size)
+    check_device(cfg.device)
+
+
+def check_device(device: str, key: str = "device") -> None:
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(key, device, "cpu, cuda or cuda:N") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(key, device, "cpu (no CUDA device is available here)")
+
+
+def check_sample_config(cfg: DictConfig) -> None:
+    check_decode_entry(cfg)
+    check_positive_int("samples_per_class", cfg.samples_per_class)
+
+
+def check_evaluate_config(cfg: DictConfig) -> None:
+
+    check_decode_entry(cfg)
+    check_positive_int("samples", cfg.samples)
+    if cfg.samples < 2:
+        raise ConfigError("samples", cfg.samples, "at least 2 (FID needs a covariance)")
+    check_positive_int("reference.count", cfg.reference.count)
+    check_choice("extractor", cfg.extractor, sorted(EXTRACTORS))
+    check_choice("reference.split", cfg.reference.split, SPLITS)

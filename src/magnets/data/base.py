@@ -1,0 +1,70 @@
+"""The media datamodule seam: every dataset of images or clips looks the same to the rest of the project.
+
+A media datamodule is a ``LightningDataModule`` whose ``dataset(split)`` is a
+map-style dataset of ``(x, label)``: ``x`` uint8 ``[C, H, W]`` (image) or
+``[C, T, H, W]`` (clip), ``label`` an int. Tokenization, the tokenizer's
+training, the classifier and FID iterate a ``DataLoader`` over it; nothing
+loads a whole split into memory through this seam, and nothing outside the
+datamodules knows whether an item is an image or a clip.
+
+``media_info()`` describes the items for token shards' ``meta.json``
+(``kind``: ``image`` or ``video``, and e.g. resolution, frames, stride, fps).
+
+Datamodules are registered in :data:`DATAMODULES` by the ``data`` config
+group's ``name`` and built by :func:`build_datamodule` from its ``module``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch.utils.data import Dataset
+
+SPLITS = ("train", "val", "test")
+
+
+@runtime_checkable
+class MediaDataModule(Protocol):
+    def dataset(self, split: str) -> Dataset:
+        """Items ``(uint8 [C, H, W] or [C, T, H, W], int label)`` of ``split`` (one of :data:`SPLITS`)."""
+        ...
+
+    def media_info(self) -> dict[str, Any]:
+        """What an item is, for shard metadata: ``{"kind": "image" | "video", ...}``."""
+        ...
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {list(SPLITS)}")
+
+
+def to_unit_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 media in ``[0, 255]`` -> float32 in ``[0, 1]`` (the one home of this conversion)."""
+    if x.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 media from a media datamodule, got {x.dtype}")
+    return x.float().div_(255)
+
+
+# data.name -> (module, class); imported on first use so that image-only runs never import decord.
+DATAMODULES: dict[str, tuple[str, str]] = {
+    "fmnist": ("magnets.data.images", "FashionMNISTDataModule"),
+    "ucf101": ("magnets.data.video", "UCF101DataModule"),
+    "kinetics600": ("magnets.data.video", "Kinetics600DataModule"),
+    "moving_fmnist": ("magnets.data.moving_fmnist", "MovingFMNISTDataModule"),
+}
+
+
+def build_datamodule(cfg: Mapping[str, Any]) -> MediaDataModule:
+    """The datamodule named by ``cfg['name']``, built from ``cfg['module']`` (the ``data`` config group)."""
+    name = cfg["name"]
+    if name not in DATAMODULES:
+        raise ValueError(f"no media datamodule for dataset {name!r}; valid: {sorted(DATAMODULES)}")
+    if cfg.get("module") is None:
+        raise ValueError(f"dataset {name!r} has no media (data.module is null): it is pre-tokenized")
+    module_name, class_name = DATAMODULES[name]
+    datamodule_class = getattr(importlib.import_module(module_name), class_name)
+    return datamodule_class(**cfg["module"])

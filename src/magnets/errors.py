@@ -1,0 +1,27 @@
+"""Errors that a user fixes (a config value, a missing dataset, a mismatched file), not bugs.
+
+Entry points (``magnets.cli.run_entry``) turn these into one line naming
+what is wrong and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+class UserError(Exception):
+    """Base class: the message alone tells the user what to change."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value is invalid: names the key, the value and the valid ones."""
+
+    def __init__(self, key: str, value: Any, valid: Iterable[Any] | str) -> None:
+        valid_text = valid if isinstance(valid, str) else ", ".join(map(str, valid))
+        super().__init__(f"{key}={value!r} is not valid; valid: {valid_text}")
+        self.key, self.value = key, value
+
+
+class DataNotFoundError(UserError, FileNotFoundError):
+    """A dataset is not where the config says: the message names the folder and how to get the data."""

@@ -1,0 +1,98 @@
+"""Run-directory rules, in one home: stage paths, the newest checkpoint, resuming, saving the final state.
+
+Layout (DESIGN.md §3): ``<paths.runs>/<experiment>/<time>/{checkpoints,tensorboard,samples,metrics.json}``
+for the nested MaskGIT stage, ``<tokenizer.dir>/{tokenizer.ckpt,checkpoints,tensorboard,metrics.json}``
+for the tokenizer, and token shards in ``<tokenize.out_dir>/<split>``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from magnets.errors import ConfigError
+
+# Checkpoints a stage leaves: the periodic/final one, and the one written when a run crashes or is interrupted.
+RESUMABLE_CHECKPOINTS = ("last.ckpt", "interrupted.ckpt")
+# Config entries a resumed run must share with the run that wrote its checkpoint.
+RESUME_MUST_MATCH = ("model", "distill", "tokenizer.kind", "tokenizer.model", "data.name", "tokenize.out_dir", "seed")
+
+
+def tokenizer_final_checkpoint(tokenizer_dir: str | Path) -> Path:
+    """Where the tokenizer stage saves its trained tokenizer."""
+    return Path(tokenizer_dir) / "tokenizer.ckpt"
+
+
+def shard_dir(out_dir: str | Path, split: str) -> Path:
+    """Where the token shard of ``split`` lives."""
+    return Path(out_dir) / split
+
+
+def newest_checkpoint(root: str | Path, pattern: str = "checkpoints") -> Path | None:
+    """The most recently written ``last.ckpt`` or ``interrupted.ckpt`` under ``root/pattern``, if any."""
+    candidates = [p for name in RESUMABLE_CHECKPOINTS for p in Path(root).glob(f"{pattern}/{name}")]
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def resolve_checkpoint(checkpoint: str, runs: str | Path, name: str, key: str = "checkpoint") -> Path:
+    """``last``: the newest checkpoint of experiment ``name`` under ``runs``; anything else must be a checkpoint file."""
+    if checkpoint == "last":
+        newest = newest_checkpoint(Path(runs, name), "*/checkpoints")
+        if newest is None:
+            raise ConfigError(
+                key, checkpoint, f"a checkpoint path, or 'last' once {Path(runs, name)}/*/checkpoints/last.ckpt exists "
+                f"(train first: make train EXP={name})"
+            )  # fmt: skip
+        return newest
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ConfigError(key, checkpoint, "'last' or the path of an existing checkpoint file")
+    return path
+
+
+def resume_checkpoint(cfg: DictConfig) -> Path | None:
+    """The checkpoint ``cfg.resume`` names: null, ``last`` (newest of this experiment) or a path."""
+    if cfg.resume is None:
+        return None
+    return resolve_checkpoint(str(cfg.resume), cfg.paths.runs, cfg.name, key="resume")
+
+
+def check_resume_compatible(checkpoint: Path, cfg: DictConfig) -> None:
+    """Refuse to resume from a checkpoint written under another model, distillation, tokenizer or data."""
+    saved = OmegaConf.create(torch.load(checkpoint, map_location="cpu", weights_only=False).get("config", {}))
+    current = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    diffs = [key for key in RESUME_MUST_MATCH if OmegaConf.select(saved, key) != OmegaConf.select(current, key)]
+    if diffs:
+        details = "; ".join(f"{k}: checkpoint {OmegaConf.select(saved, k)}, now {OmegaConf.select(current, k)}" for k in diffs)
+        raise ValueError(f"cannot resume from {checkpoint}: it was trained with other settings ({details})")
+
+
+def tokenizer_of_run(run_config: dict[str, Any], checkpoint: Path, runs: str | Path) -> Path:
+    """The tokenizer checkpoint a MaskGIT run trained on, from the config saved in its checkpoint.
+
+    A relative path under the run's ``paths.runs`` is taken under ``runs``
+    instead, so that a runs folder can be moved or read from another directory.
+    """
+    try:
+        explicit = run_config["tokenize"]["checkpoint"]
+        path = Path(explicit) if explicit else tokenizer_final_checkpoint(run_config["tokenizer"]["dir"])
+        saved_runs = Path(run_config["paths"]["runs"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{checkpoint} holds no run config naming its tokenizer (tokenize.checkpoint, tokenizer.dir)") from err
+    if not path.is_absolute() and path.is_relative_to(saved_runs):
+        return Path(runs, path.relative_to(saved_runs))
+    return path
+
+
+def save_checkpoint_atomically(trainer: L.Trainer, path: Path) -> None:
+    """``trainer.save_checkpoint`` to a temporary name, then renamed: ``path`` appears only when complete."""
+    tmp = path.with_name(f".{path.name}.partial")
+    trainer.save_checkpoint(tmp)  # every rank calls it; rank 0 writes
+    if trainer.is_global_zero:
+        os.replace(tmp, path)
+    trainer.strategy.barrier()
