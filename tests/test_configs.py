@@ -8,7 +8,8 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, REPO, compose_config
-from magnets.models.vq import VQConfig
+from magnets.cli import check_train_config
+from magnets.models.tokenizer import tokenizer_config
 from magnets.sampling import load_schedule
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "experiment")
@@ -43,7 +44,7 @@ def test_every_group_option_composes(group, option, tmp_path):
     cfg.hydra.runtime.output_dir = str(tmp_path)  # what a real run sets; run_dir interpolates it
     OmegaConf.resolve(cfg)
     if group == "tokenizer":
-        VQConfig(**cfg.tokenizer.model)
+        tokenizer_config(cfg.tokenizer.kind, cfg.tokenizer.model)
         assert Path(cfg.tokenizer.dir).parent == tmp_path / "tokenizers"
     if group == "schedule":
         assert load_schedule(OmegaConf.to_container(cfg.schedule)).name == option
@@ -60,7 +61,7 @@ def test_every_experiment_composes(experiment, tmp_path):
     cfg = compose_config([f"experiment={experiment}", f"paths.runs={tmp_path}", f"run_dir={tmp_path}/run"])
     OmegaConf.resolve(cfg)
     assert cfg.name == experiment
-    VQConfig(**cfg.tokenizer.model)
+    check_train_config(cfg)  # every value an entry point checks before it starts work
 
 
 def test_unknown_option_names_the_valid_ones():
