@@ -1,0 +1,202 @@
+"""What can break on CUDA: cached decoding, bf16 training and decoding, the benchmark's peak memory, the pipeline.
+
+Every test here is marked ``gpu`` and skipped without a CUDA device, so the
+suite passes on a CPU-only machine; plain ``make test`` runs them on a GPU one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR
+from magnets.bench import bench_decode, bench_train
+from magnets.lit.maskgit import NestedMaskGITModule
+from magnets.masking import random_training_mask
+from magnets.models.kv_cache import build_tokens_to_logits
+from magnets.models.transformer import MODEL_SIZES, NestedTransformer, TransformerConfig
+from magnets.sampling import ModelSchedule, SamplingSettings, decode
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+CUDA = torch.device("cuda")
+WIDTHS = [8, 4, 2, 1]
+GRID = 16  # tokens per sample (a 4x4 grid)
+SCALE_UP = ModelSchedule("up", (8, 4, 2, 1), (2, 1, 2, 2)).width_per_step(WIDTHS)
+MAGNETS_3333 = ModelSchedule("magnets", (8, 4, 2, 1), (3, 3, 3, 3)).width_per_step(WIDTHS)
+
+
+def make_model(depth: int, dtype: torch.dtype = torch.float32, seed: int = 0, large: bool = True) -> NestedTransformer:
+    """A small nested model on CUDA; ``large``: random weights of std 0.5, so every token's context moves the logits."""
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(
+        codebook_size=12, grid=[GRID], num_classes=3, dim=32, depth=depth, heads=2, mlp_dim=64, widths=WIDTHS
+    )
+    model = NestedTransformer(cfg)
+    if large:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.normal_(0.0, 0.5)
+    return model.to(device=CUDA, dtype=dtype).eval()
+
+
+def run(model, width_per_step, cache, *, guidance=0.0, pre_reveal=0, seed=1, refresh_every=2, batch=3, keep_history=False):
+    """Decode ``batch`` samples on CUDA; returns (initial tokens, result, every step's logits)."""
+    cfg = model.cfg
+    data = torch.Generator().manual_seed(123)
+    tokens = torch.full((batch, GRID), cfg.mask_id)
+    if pre_reveal:
+        positions = torch.stack([torch.randperm(GRID, generator=data)[:pre_reveal] for _ in range(batch)])
+        tokens.scatter_(1, positions, torch.randint(0, cfg.codebook_size, (batch, pre_reveal), generator=data))
+    tokens = tokens.to(CUDA)
+    labels = (torch.arange(batch) % cfg.num_classes).to(CUDA)
+    inner = build_tokens_to_logits(model, cache, refresh_every)
+    logits = []
+
+    def recorder(rows, row_labels, width, step):
+        out, work = inner(rows, row_labels, width, step)
+        logits.append(out.detach().clone())
+        return out, work
+
+    settings = SamplingSettings(guidance_scale=guidance, guidance_ramp="linear" if guidance else "constant")
+    with torch.inference_mode():
+        result = decode(
+            recorder, tokens, labels, width_per_step, settings, mask_id=cfg.mask_id, null_class=cfg.null_class,
+            generator=torch.Generator(CUDA).manual_seed(seed), keep_history=keep_history,
+        )  # fmt: skip
+    return tokens, result, logits
+
+
+@pytest.mark.parametrize("schedule", [SCALE_UP, [1] * 7])
+@pytest.mark.parametrize("guidance", [0.0, 2.0])
+@pytest.mark.parametrize("pre_reveal", [0, 5])
+def test_refreshing_every_step_gives_exactly_the_uncached_tokens_on_cuda(schedule, guidance, pre_reveal):
+    model = make_model(depth=2)
+    _, uncached, _ = run(model, schedule, "none", guidance=guidance, pre_reveal=pre_reveal)
+    _, cached, _ = run(model, schedule, "refresh_every_n", refresh_every=1, guidance=guidance, pre_reveal=pre_reveal)
+    assert uncached.tokens.is_cuda
+    assert torch.equal(cached.tokens, uncached.tokens)
+    assert all(w.kind == "refresh" for w in cached.work)
+
+
+@pytest.mark.parametrize(("mode", "schedule"), [("refresh_on_switch", SCALE_UP), ("no_refresh", [4] * 7)])
+def test_depth_one_cached_steps_match_uncached_decoding_on_cuda(mode, schedule):
+    """The cached path itself (cache writes, slices, attention over cache + queries) on CUDA, in float64."""
+    model = make_model(depth=1, dtype=torch.float64)
+    _, ref_result, ref_logits = run(model, schedule, "none", guidance=1.5, pre_reveal=6)
+    _, result, logits = run(model, schedule, mode, guidance=1.5, pre_reveal=6)
+    assert any(w.kind == "cached" for w in result.work)
+    for step, (a, b) in enumerate(zip(ref_logits, logits, strict=True)):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-9), f"step {step}: logits differ by {(a - b).abs().max():.3g}"
+    assert torch.equal(ref_result.tokens, result.tokens)
+
+
+@pytest.mark.parametrize("cache", ["none", "refresh_on_switch", "no_refresh"])
+def test_bf16_decode_on_cuda_reveals_every_token_and_is_reproducible(cache):
+    """bf16 and fp32 need not pick the same tokens (rounding moves near-ties); the invariants and the seed must hold."""
+    model = make_model(depth=2, dtype=torch.bfloat16)
+    initial, result, logits = run(model, MAGNETS_3333, cache, guidance=1.0, pre_reveal=3, keep_history=True)
+    assert logits[0].dtype == torch.bfloat16 and bool(torch.isfinite(logits[0]).all())
+    history = torch.cat([initial[None], result.history])  # [K + 1, B, N]
+    masked = history == model.cfg.mask_id
+    assert bool(((masked[:-1] & ~masked[1:]).sum(dim=2) >= 1).all()), "every step reveals at least one token"
+    assert not bool(masked[-1].any()), "no token is left masked"
+    assert bool(((result.tokens >= 0) & (result.tokens < model.cfg.codebook_size)).all())
+    for k in range(len(MAGNETS_3333)):
+        kept = ~masked[k]
+        assert torch.equal(history[k + 1][kept], history[k][kept]), f"step {k} changed a revealed token"
+    _, again, _ = run(model, MAGNETS_3333, cache, guidance=1.0, pre_reveal=3)
+    assert torch.equal(again.tokens, result.tokens), "same seed, same device: same samples"
+
+
+def test_bf16_logits_follow_fp32_logits_on_cuda():
+    """The first (refresh) step's logits of the same weights in bf16 and fp32 agree up to bf16 rounding."""
+    fp32, bf16 = make_model(depth=2, large=False), make_model(depth=2, dtype=torch.bfloat16, large=False)
+    tokens = torch.randint(0, 12, (4, GRID), generator=torch.Generator().manual_seed(0)).to(CUDA)
+    tokens[:, ::2] = fp32.cfg.mask_id
+    labels = torch.tensor([0, 1, 2, 0], device=CUDA)
+    for width in WIDTHS:
+        with torch.inference_mode():
+            a, _ = build_tokens_to_logits(fp32, "refresh_on_switch")(tokens, labels, width, 0)
+            b, _ = build_tokens_to_logits(bf16, "refresh_on_switch")(tokens, labels, width, 0)
+        cosine = torch.nn.functional.cosine_similarity(a.flatten(), b.float().flatten(), dim=0)
+        assert cosine > 0.99, f"width {width}: cosine {cosine:.4f}"
+
+
+def test_nested_training_step_under_bf16_autocast_is_finite_for_every_width():
+    torch.manual_seed(0)
+    module = NestedMaskGITModule(
+        model={**MODEL_SIZES["tiny"], "codebook_size": 64, "grid": [8, 8], "num_classes": 10, "widths": WIDTHS}
+    ).to(CUDA)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    generator = torch.Generator(CUDA).manual_seed(0)
+    tokens = torch.randint(0, 64, (16, 64), device=CUDA, generator=generator)
+    labels = torch.randint(0, 10, (16,), device=CUDA, generator=generator)
+    first = None
+    for _ in range(3):
+        mask = random_training_mask(16, 64, generator=generator, device=CUDA)
+        inputs = tokens.masked_fill(mask, module.model.cfg.mask_id)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            losses = module.width_losses(inputs, tokens, mask, labels, alpha=0.5, label_smoothing=0.1)
+        assert sorted(losses) == sorted(WIDTHS)
+        for p, (loss, acc) in losses.items():
+            assert loss.is_cuda and bool(torch.isfinite(loss)), f"width {p}: loss {loss}"
+            assert 0.0 <= float(acc) <= 1.0
+        total = sum(loss for loss, _ in losses.values())
+        first = float(total) if first is None else first
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        for name, param in module.named_parameters():
+            assert param.grad is None or bool(torch.isfinite(param.grad).all()), f"non-finite gradient in {name}"
+        optimizer.step()
+    assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
+    assert math.isfinite(first)
+
+
+def bench_config(overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("bench", overrides=overrides)
+
+
+def test_bench_decode_on_cuda_in_bf16_reports_peak_memory():
+    cfg = bench_config(
+        ["model=tiny", "batch_size=4", "grid=[4,4]", "warmup=0", "repeats=1", "device=cuda", "dtype=bfloat16"]
+    )
+    result = bench_decode(cfg)
+    assert result["settings"]["device_name"] == torch.cuda.get_device_name(0)
+    records = {(r["schedule"], r["cache"]): r for r in result["records"]}
+    assert set(records) == {(s, c) for s in cfg.decode_bench.schedules for c in cfg.decode_bench.caches}
+    for r in result["records"]:
+        assert r["peak_memory_mb"] is not None and r["peak_memory_mb"] > 0
+        assert r["ms_per_sample"] > 0 and r["gflops_per_sample"] > 0
+    assert result["matmul_gflops_per_s"] > 0
+
+
+def test_bench_train_on_cuda():
+    cfg = bench_config(["task=train", "model=tiny", "batch_size=4", "grid=[4,4]", "warmup=1", "repeats=1", "device=cuda"])
+    result = bench_train(cfg)
+    assert [r["model"] for r in result["records"]] == ["nested", "single"]
+    assert all(r["ms_per_step"] > 0 for r in result["records"])
+
+
+def test_pipeline_trains_on_the_gpu_trainer_in_bf16_mixed(tiny_cfg):
+    """The default experiment, shrunk, with ``trainer=gpu`` (bf16-mixed) and tokenization on CUDA."""
+    from magnets.pipeline import train
+
+    gpu = OmegaConf.load(CONF_DIR / "trainer" / "gpu.yaml")
+    for key in ("accelerator", "devices", "num_nodes", "strategy", "precision"):
+        tiny_cfg.trainer[key] = gpu[key]
+    tiny_cfg.tokenize.device = "cuda"
+    out = train(tiny_cfg)
+    saved = torch.load(out["maskgit"]["checkpoint"], map_location="cpu", weights_only=False)
+    assert saved["global_step"] == tiny_cfg.maskgit.trainer.max_steps
+    metrics = out["maskgit"]["metrics"]
+    for p in WIDTHS:
+        assert math.isfinite(metrics[f"val/loss/p{p}"]), metrics
