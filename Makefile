@@ -8,7 +8,7 @@ ARGS ?=
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist
 
-.PHONY: help setup data train tokenize sample evaluate sweep sweep-train test test-slow bench bench-train lint tb clean
+.PHONY: help setup data train tokenize data-check sample evaluate sweep sweep-train test test-slow bench bench-train lint tb clean
 
 help:
 	@echo "make train [EXP=fmnist] [ARGS='hydra overrides']  set up, then train experiment EXP end to end"
@@ -16,6 +16,7 @@ help:
 	@echo "make sample [EXP=fmnist] [ARGS='schedule=maskgit_12 decode.cache=none']  sample grid from the newest checkpoint"
 	@echo "make bench [ARGS=...]  decode benchmark, runs/bench/decode.json;  make bench-train  training-step benchmark"
 	@echo "make evaluate | sweep [SWEEP=schedules|cache|guidance] | sweep-train SWEEP=distill  (results.csv, notebooks/ablations.ipynb)"
+	@echo "make data-check EXP=ucf101_b ARGS='data.root=DIR'  read every file of every split once; report counts and bad files"
 	@echo "make tokenize | test-slow | lint | tb | clean"
 
 setup: $(STAMP) data
@@ -44,6 +45,10 @@ train: setup
 
 tokenize: setup
 	$(PY) -m magnets.tokenize experiment=$(EXP) $(ARGS)
+
+# Reads every file of each split once: items, classes, frame/fps/resolution ranges, unreadable files (JSON report).
+data-check: setup
+	$(PY) -m magnets.data.check experiment=$(EXP) $(ARGS)
 
 sample: setup
 	$(PY) -m magnets.sample name=$(EXP) $(ARGS)

@@ -111,8 +111,20 @@ def check_data(data: Mapping[str, Any], key: str = "data") -> None:
     check_positive_int(f"{key}.num_classes", data["num_classes"])
 
 
+STAGES = ("tokenizer", "tokenize", "classifier", "maskgit")
+
+
+def check_stages(stages: Iterable[str]) -> None:
+    """``stages`` must be a prefix of :data:`STAGES` (``classifier`` may be left out: it serves sample validation only)."""
+    stages = list(stages)
+    allowed = [list(STAGES[:k]) for k in range(1, len(STAGES) + 1)] + [["tokenizer", "tokenize", "maskgit"]]
+    if stages not in allowed:
+        raise ConfigError("stages", stages, " or ".join(map(str, allowed)))
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Everything ``python -m magnets.train`` reads, before any stage starts."""
+    check_stages(cfg.stages)
 
     check_data(cfg.data)
     check_tokenizer(cfg.tokenizer)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -148,10 +149,19 @@ def fit_tokenizer(cfg: DictConfig) -> Path:
 
     save_checkpoint_atomically(trainer, final)
     if trainer.is_global_zero:
-        atomic_write_json(tok_dir / "metrics.json", {k: float(v) for k, v in test_metrics.items()})
+        metrics = {k: float(v) for k, v in test_metrics.items()}
+        metrics["bits_per_pixel"] = token_bits_per_pixel(module.model.grid, module.model.codebook_size, datamodule.media_info())
+        atomic_write_json(tok_dir / "metrics.json", metrics)
         log.info("tokenizer test metrics: %s", test_metrics)
     trainer.strategy.barrier()
     return final
+
+
+def token_bits_per_pixel(grid: tuple[int, ...], codebook_size: int, media: dict[str, Any]) -> float:
+    """Bits of the token grid per pixel position (per frame pixel for clips): ``prod(grid) log2(V) / (T H W)``."""
+    height, width = media["resolution"]
+    frames = media.get("frames", 1) if media["kind"] == "video" else 1
+    return math.prod(grid) * math.log2(codebook_size) / (frames * height * width)
 
 
 def maskgit_model_config(cfg: DictConfig) -> dict[str, Any]:
@@ -285,6 +295,13 @@ def tokenize(cfg: DictConfig) -> dict[str, Path]:
     )
 
 
+def media_stages(cfg: DictConfig) -> dict[str, Any]:
+    """The stages before the transformer, on one process: tokenizer, then token shards (``tokenize`` in ``cfg.stages``)."""
+    tokenizer_ckpt = fit_tokenizer(cfg)
+    shards = tokenize(cfg) if "tokenize" in cfg.stages else {}
+    return {"tokenizer": tokenizer_ckpt, "shards": shards}
+
+
 def check_pretokenized(cfg: DictConfig) -> None:
     """Fail fast, naming the path, when a pre-tokenized dataset's shards are not there."""
     shard_dirs = [shard_dir(cfg.tokenize.out_dir, split) for split in ("train", "val")]
@@ -310,8 +327,10 @@ def wait_for_shards(cfg: DictConfig, tokenizer_ckpt: Path, poll_s: float = 5.0, 
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run every stage of the experiment; returns the outputs of each stage."""
+    """Run the experiment's ``stages`` in order; returns the outputs of each stage that ran."""
     L.seed_everything(cfg.seed, workers=True)
+    if "maskgit" not in cfg.stages:
+        return media_stages(cfg)
     tokenizer_ckpt, shards, callbacks = None, {}, []
     if cfg.data.pretokenized:
         check_pretokenized(cfg)
