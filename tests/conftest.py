@@ -84,7 +84,6 @@ def tiny_cfg(fake_fmnist: Path, tmp_path: Path) -> DictConfig:
             "trainer.log_every_n_steps=1",
             "maskgit.module.warmup_steps=1",
             "classifier.epochs=1",
-            "classifier.batch_size=16",
             "sample_validation.samples=20",
             "sample_validation.batch_size=20",
         ]
