@@ -20,8 +20,9 @@ import importlib
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
+import lightning as L
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 SPLITS = ("train", "val", "test")
 
@@ -35,6 +36,38 @@ class MediaDataModule(Protocol):
     def media_info(self) -> dict[str, Any]:
         """What an item is, for shard metadata: ``{"kind": "image" | "video", ...}``."""
         ...
+
+
+class MediaLoaders(L.LightningDataModule):
+    """The Lightning loaders of a media datamodule, built from its ``dataset(split)``, ``batch_size`` and ``num_workers``.
+
+    Training shuffles and drops the last partial batch; evaluation walks the split in order.
+    """
+
+    batch_size: int
+    num_workers: int
+
+    def dataset(self, split: str) -> Dataset:
+        raise NotImplementedError
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
 
 
 def check_split(split: str) -> None:

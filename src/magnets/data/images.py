@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from magnets.data import fashion_mnist
-from magnets.data.base import check_split
+from magnets.data.base import MediaLoaders, check_split
 
 
 class ImageArrayDataset(Dataset):
@@ -41,7 +40,7 @@ def pad_to(images: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-class FashionMNISTDataModule(L.LightningDataModule):
+class FashionMNISTDataModule(MediaLoaders):
     """Fashion-MNIST, centre-padded to ``image_size``.
 
     ``val`` is a fixed, seeded draw of ``val_size`` images from the official
@@ -113,21 +112,3 @@ class FashionMNISTDataModule(L.LightningDataModule):
     def dataset(self, split: str) -> ImageArrayDataset:
         return ImageArrayDataset(*self.split_arrays(split))
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -29,14 +29,13 @@ from typing import Any, Protocol
 
 import av
 import decord
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from magnets.data.base import SPLITS, check_split
+from magnets.data.base import SPLITS, MediaLoaders, check_split
 from magnets.errors import ConfigError, DataNotFoundError, UserError
 from magnets.files import atomic_write_json
 
@@ -455,7 +454,7 @@ def probe_all(paths: Sequence[Path], cache: ProbeCache, workers: int, desc: str)
         return list(tqdm(pool.map(cache.probe, paths), total=len(paths), desc=desc, unit="file", disable=None, leave=False))
 
 
-class VideoDataModule(L.LightningDataModule):
+class VideoDataModule(MediaLoaders):
     """A video layout's splits as clip datasets and loaders; the media datamodule seam (:mod:`magnets.data.base`).
 
     Args:
@@ -564,24 +563,6 @@ class VideoDataModule(L.LightningDataModule):
         for split in splits.get(stage, SPLITS) if stage is not None else SPLITS:
             self.items(split)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
 
 
 class UCF101DataModule(VideoDataModule):
