@@ -131,6 +131,9 @@ def fit_tokenizer(cfg: DictConfig) -> Path:
         return final
 
     datamodule = build_datamodule(cfg.data)
+    # Find (or make) the data before a Trainer exists: a missing dataset is then one clear error, not a failure inside fit.
+    datamodule.prepare_data()
+    datamodule.setup("fit")
     # Plain containers, so that checkpoints hold no OmegaConf objects.
     optim, codebook = (OmegaConf.to_container(cfg.tokenizer[key], resolve=True) for key in ("optim", "codebook"))
     module = TokenizerModule(
