@@ -36,9 +36,7 @@ MAGNETS_3333 = ModelSchedule("magnets", (8, 4, 2, 1), (3, 3, 3, 3)).width_per_st
 def make_model(depth: int, dtype: torch.dtype = torch.float32, seed: int = 0, large: bool = True) -> NestedTransformer:
     """A small nested model on CUDA; ``large``: random weights of std 0.5, so every token's context moves the logits."""
     torch.manual_seed(seed)
-    cfg = TransformerConfig(
-        codebook_size=12, grid=[GRID], num_classes=3, dim=32, depth=depth, heads=2, mlp_dim=64, widths=WIDTHS
-    )
+    cfg = TransformerConfig(codebook_size=12, grid=[GRID], num_classes=3, dim=32, depth=depth, heads=2, mlp_dim=64, widths=WIDTHS)
     model = NestedTransformer(cfg)
     if large:
         with torch.no_grad():
@@ -166,9 +164,7 @@ def bench_config(overrides):
 
 
 def test_bench_decode_on_cuda_in_bf16_reports_peak_memory():
-    cfg = bench_config(
-        ["model=tiny", "batch_size=4", "grid=[4,4]", "warmup=0", "repeats=1", "device=cuda", "dtype=bfloat16"]
-    )
+    cfg = bench_config(["model=tiny", "batch_size=4", "grid=[4,4]", "warmup=0", "repeats=1", "device=cuda", "dtype=bfloat16"])
     result = bench_decode(cfg)
     assert result["settings"]["device_name"] == torch.cuda.get_device_name(0)
     records = {(r["schedule"], r["cache"]): r for r in result["records"]}

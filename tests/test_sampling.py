@@ -19,9 +19,7 @@ GRID = 16  # tokens per sample (a 4x4 grid)
 def make_model(depth: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> NestedTransformer:
     """A small nested model with large random weights, so that every token's context moves the logits."""
     torch.manual_seed(seed)
-    cfg = TransformerConfig(
-        codebook_size=12, grid=[GRID], num_classes=3, dim=32, depth=depth, heads=2, mlp_dim=64, widths=WIDTHS
-    )
+    cfg = TransformerConfig(codebook_size=12, grid=[GRID], num_classes=3, dim=32, depth=depth, heads=2, mlp_dim=64, widths=WIDTHS)
     model = NestedTransformer(cfg)
     with torch.no_grad():
         for param in model.parameters():

@@ -23,5 +23,13 @@ class ConfigError(UserError, ValueError):
         self.key, self.value = key, value
 
 
-class DataNotFoundError(UserError, FileNotFoundError):
+class MissingFileError(UserError, FileNotFoundError):
+    """A file the config names (a checkpoint, weights) does not exist."""
+
+
+class DataNotFoundError(MissingFileError):
     """A dataset is not where the config says: the message names the folder and how to get the data."""
+
+
+class MismatchError(UserError, ValueError):
+    """A file (checkpoint, token shard) is unreadable or was made under other settings than the config asks for."""

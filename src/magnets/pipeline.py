@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from magnets.data.base import build_datamodule
 from magnets.data.shards import TokenDataModule
 from magnets.data.tokenization import tokenize_splits
-from magnets.errors import DataNotFoundError
+from magnets.errors import DataNotFoundError, MismatchError
 from magnets.files import atomic_write_json, file_sha256
 from magnets.lit.callbacks import ConfigInCheckpoint
 from magnets.lit.maskgit import NestedMaskGITModule
@@ -66,13 +66,13 @@ def check_tokenizer_matches(checkpoint: Path, kind: str, model_cfg: dict[str, An
     hparams = torch.load(checkpoint, map_location="cpu", weights_only=False).get("hyper_parameters", {})
     saved_kind, saved = hparams.get("kind", "vq2d"), hparams.get("model")
     if saved_kind != kind:
-        raise ValueError(
+        raise MismatchError(
             f"tokenizer checkpoint {checkpoint} is of kind {saved_kind!r}, the config asks for {kind!r}. "
             "Give the tokenizer a new tokenizer.name, or delete that checkpoint to retrain it."
         )
     if saved != model_cfg:
         diffs = sorted(k for k in set(saved or {}) | set(model_cfg) if (saved or {}).get(k) != model_cfg.get(k))
-        raise ValueError(
+        raise MismatchError(
             f"tokenizer checkpoint {checkpoint} was trained with another model config (fields {diffs}: "
             f"saved {[(saved or {}).get(k) for k in diffs]}, configured {[model_cfg.get(k) for k in diffs]}). "
             "Give the tokenizer a new tokenizer.name, or delete that checkpoint to retrain it."

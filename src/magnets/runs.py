@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from magnets.errors import ConfigError
+from magnets.errors import ConfigError, MismatchError
 
 # Checkpoints a stage leaves: the periodic/final one, and the one written when a run crashes or is interrupted.
 RESUMABLE_CHECKPOINTS = ("last.ckpt", "interrupted.ckpt")
@@ -69,7 +69,7 @@ def check_resume_compatible(checkpoint: Path, cfg: DictConfig) -> None:
     diffs = [key for key in RESUME_MUST_MATCH if OmegaConf.select(saved, key) != OmegaConf.select(current, key)]
     if diffs:
         details = "; ".join(f"{k}: checkpoint {OmegaConf.select(saved, k)}, now {OmegaConf.select(current, k)}" for k in diffs)
-        raise ValueError(f"cannot resume from {checkpoint}: it was trained with other settings ({details})")
+        raise MismatchError(f"cannot resume from {checkpoint}: it was trained with other settings ({details})")
 
 
 def tokenizer_of_run(run_config: dict[str, Any], checkpoint: Path, runs: str | Path) -> Path:

@@ -111,4 +111,3 @@ class FashionMNISTDataModule(MediaLoaders):
 
     def dataset(self, split: str) -> ImageArrayDataset:
         return ImageArrayDataset(*self.split_arrays(split))
-

@@ -25,10 +25,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from magnets.errors import MismatchError
+
 FORMAT_VERSION = 1
 
 
-class ShardError(ValueError):
+class ShardError(MismatchError):
     """A token shard is missing, incomplete, or does not match the model."""
 
 

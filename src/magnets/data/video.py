@@ -564,7 +564,6 @@ class VideoDataModule(MediaLoaders):
             self.items(split)
 
 
-
 class UCF101DataModule(VideoDataModule):
     """UCF101 (:class:`UCF101Layout`): fold 1-3, ``val`` a seeded hold-out of ``val_size`` train-list entries."""
 

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from magnets.errors import MismatchError, MissingFileError
+
 
 def read_checkpoint(path: str | Path, kind: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The checkpoint dict at ``path``; it must hold ``hyper_parameters['model']`` and a ``state_dict``.
@@ -16,13 +18,13 @@ def read_checkpoint(path: str | Path, kind: str, map_location: str | torch.devic
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{kind} checkpoint {path} does not exist")
+        raise MissingFileError(f"{kind} checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises several types for a corrupt archive
-        raise ValueError(f"{path} is not a readable checkpoint ({err})") from err
+        raise MismatchError(f"{path} is not a readable checkpoint ({err})") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt.get("hyper_parameters", {}) or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a {kind} checkpoint: it has no hyper_parameters['model'] and state_dict")
+        raise MismatchError(f"{path} is not a {kind} checkpoint: it has no hyper_parameters['model'] and state_dict")
     return ckpt
 
 
@@ -33,5 +35,6 @@ def load_model_weights(model: nn.Module, ckpt: dict[str, Any], path: str | Path)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not match its own model config {ckpt['hyper_parameters']['model']}: {err}") from err
+        config = ckpt["hyper_parameters"]["model"]
+        raise MismatchError(f"{path}: weights do not match its own model config {config}: {err}") from err
     return model.eval()

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from magnets.data.base import MediaDataModule, to_unit_float
+from magnets.errors import MismatchError
 from magnets.files import atomic_write
 
 CHECKPOINT_FORMAT = "magnets.classifier.v1"
@@ -36,7 +37,7 @@ DEFAULT_ARCH_KWARGS: dict[str, Any] = {"channels": [32, 64, 128, 256], "stem_wid
 _REQUIRED_KEYS = ("format", "arch", "arch_kwargs", "image_size", "in_chans", "num_classes", "test_accuracy", "state_dict")
 
 
-class ClassifierCheckpointError(ValueError):
+class ClassifierCheckpointError(MismatchError):
     """A classifier checkpoint is missing, unreadable, or does not match its architecture."""
 
 
