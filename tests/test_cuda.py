@@ -13,13 +13,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import test_sampling as sampling_tests
 from conftest import CONF_DIR
 from magnets.bench import bench_decode, bench_train
 from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.masking import random_training_mask
 from magnets.models.kv_cache import build_tokens_to_logits
-from magnets.models.transformer import MODEL_SIZES, NestedTransformer, TransformerConfig
-from magnets.sampling import ModelSchedule, SamplingSettings, decode
+from magnets.models.transformer import MODEL_SIZES, NestedTransformer
+from magnets.sampling import ModelSchedule
 
 pytestmark = [
     pytest.mark.gpu,
@@ -34,42 +35,13 @@ MAGNETS_3333 = ModelSchedule("magnets", (8, 4, 2, 1), (3, 3, 3, 3)).width_per_st
 
 
 def make_model(depth: int, dtype: torch.dtype = torch.float32, seed: int = 0, large: bool = True) -> NestedTransformer:
-    """A small nested model on CUDA; ``large``: random weights of std 0.5, so every token's context moves the logits."""
-    torch.manual_seed(seed)
-    cfg = TransformerConfig(codebook_size=12, grid=[GRID], num_classes=3, dim=32, depth=depth, heads=2, mlp_dim=64, widths=WIDTHS)
-    model = NestedTransformer(cfg)
-    if large:
-        with torch.no_grad():
-            for param in model.parameters():
-                param.normal_(0.0, 0.5)
-    return model.to(device=CUDA, dtype=dtype).eval()
+    """The CPU decode tests' small nested model, on CUDA."""
+    return sampling_tests.make_model(depth, seed=seed, dtype=dtype, large=large, device=CUDA)
 
 
-def run(model, width_per_step, cache, *, guidance=0.0, pre_reveal=0, seed=1, refresh_every=2, batch=3, keep_history=False):
-    """Decode ``batch`` samples on CUDA; returns (initial tokens, result, every step's logits)."""
-    cfg = model.cfg
-    data = torch.Generator().manual_seed(123)
-    tokens = torch.full((batch, GRID), cfg.mask_id)
-    if pre_reveal:
-        positions = torch.stack([torch.randperm(GRID, generator=data)[:pre_reveal] for _ in range(batch)])
-        tokens.scatter_(1, positions, torch.randint(0, cfg.codebook_size, (batch, pre_reveal), generator=data))
-    tokens = tokens.to(CUDA)
-    labels = (torch.arange(batch) % cfg.num_classes).to(CUDA)
-    inner = build_tokens_to_logits(model, cache, refresh_every)
-    logits = []
-
-    def recorder(rows, row_labels, width, step):
-        out, work = inner(rows, row_labels, width, step)
-        logits.append(out.detach().clone())
-        return out, work
-
-    settings = SamplingSettings(guidance_scale=guidance, guidance_ramp="linear" if guidance else "constant")
-    with torch.inference_mode():
-        result = decode(
-            recorder, tokens, labels, width_per_step, settings, mask_id=cfg.mask_id, null_class=cfg.null_class,
-            generator=torch.Generator(CUDA).manual_seed(seed), keep_history=keep_history,
-        )  # fmt: skip
-    return tokens, result, logits
+def run(model, width_per_step, cache, **options):
+    """The CPU decode tests' decode (initial tokens, result, every step's logits), on CUDA."""
+    return sampling_tests.run(model, width_per_step, cache, device=CUDA, **options)
 
 
 @pytest.mark.parametrize("schedule", [SCALE_UP, [1] * 7])

@@ -16,15 +16,18 @@ WIDTHS = [8, 4, 2, 1]
 GRID = 16  # tokens per sample (a 4x4 grid)
 
 
-def make_model(depth: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> NestedTransformer:
-    """A small nested model with large random weights, so that every token's context moves the logits."""
+def make_model(
+    depth: int, seed: int = 0, dtype: torch.dtype = torch.float32, large: bool = True, device: str | torch.device = "cpu"
+) -> NestedTransformer:
+    """A small nested model; ``large``: random weights of std 0.5, so that every token's context moves the logits."""
     torch.manual_seed(seed)
     cfg = TransformerConfig(codebook_size=12, grid=[GRID], num_classes=3, dim=32, depth=depth, heads=2, mlp_dim=64, widths=WIDTHS)
     model = NestedTransformer(cfg)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.5)
-    return model.to(dtype).eval()
+    if large:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.normal_(0.0, 0.5)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 class Recorder:
@@ -39,21 +42,34 @@ class Recorder:
         return logits, work
 
 
-def run(model, width_per_step, cache, *, guidance=0.0, pre_reveal=0, seed=1, refresh_every=2, batch=3, keep_history=False):
-    """Decode ``batch`` samples; ``pre_reveal`` tokens per row start revealed (frame-prediction style)."""
+def run(
+    model,
+    width_per_step,
+    cache,
+    *,
+    guidance=0.0,
+    pre_reveal=0,
+    seed=1,
+    refresh_every=2,
+    batch=3,
+    keep_history=False,
+    device="cpu",
+):
+    """Decode ``batch`` samples on ``device``; ``pre_reveal`` tokens per row start revealed (frame-prediction style)."""
     cfg = model.cfg
     data = torch.Generator().manual_seed(123)
     tokens = torch.full((batch, GRID), cfg.mask_id)
     if pre_reveal:
         positions = torch.stack([torch.randperm(GRID, generator=data)[:pre_reveal] for _ in range(batch)])
         tokens.scatter_(1, positions, torch.randint(0, cfg.codebook_size, (batch, pre_reveal), generator=data))
-    labels = torch.arange(batch) % cfg.num_classes
+    tokens = tokens.to(device)
+    labels = (torch.arange(batch) % cfg.num_classes).to(device)
     recorder = Recorder(build_tokens_to_logits(model, cache, refresh_every))
     settings = SamplingSettings(guidance_scale=guidance, guidance_ramp="linear" if guidance else "constant")
     with torch.inference_mode():
         result = decode(
             recorder, tokens, labels, width_per_step, settings, mask_id=cfg.mask_id, null_class=cfg.null_class,
-            generator=torch.Generator().manual_seed(seed), keep_history=keep_history,
+            generator=torch.Generator(device).manual_seed(seed), keep_history=keep_history,
         )  # fmt: skip
     return tokens, result, recorder.logits
 
