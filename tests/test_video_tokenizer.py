@@ -1,10 +1,15 @@
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
+from torch.utils.data import TensorDataset
 
+from magnets.data.base import MediaLoaders
 from magnets.errors import ConfigError
+from magnets.lit.tokenizer import TokenizerModule
 from magnets.models.fsq import FSQ
 from magnets.models.tokenizer import build_tokenizer, token_grid, tokenizer_config
 from magnets.models.video_tokenizer import CausalTokenizerConfig, CausalVideoTokenizer
@@ -139,3 +144,34 @@ def test_config_files(name, grid, codebook_size):
     assert cfg.kind == "causal3d" and {"optim", "codebook", "trainer", "checkpoint_every", "name", "dir"} <= set(cfg)
     config = tokenizer_config(cfg.kind, OmegaConf.to_container(cfg.model))
     assert config.grid == grid and config.codebook_size == codebook_size
+
+
+class RandomClips(MediaLoaders):
+    """A media datamodule of random uint8 clips ``[1, 5, 16, 16]`` (the tokenizer stage only needs the seam)."""
+
+    def __init__(self, n: int = 8) -> None:
+        super().__init__()
+        self.batch_size, self.num_workers = 4, 0
+        clips = torch.randint(0, 256, (n, 1, 5, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+        self.data = TensorDataset(clips, torch.arange(n) % 2)
+
+    def dataset(self, split: str) -> TensorDataset:
+        return self.data
+
+
+def test_tokenizer_module_trains_the_causal_tokenizer_on_clips(tmp_path):
+    """The Lightning stage is kind-agnostic: it trains on uint8 clips, reports PSNR and usage, writes a reconstruction GIF."""
+    module = TokenizerModule(model={**TINY, "frames": 5, "image_size": 16}, kind="causal3d", grid_images=2)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = L.Trainer(
+        max_steps=2, limit_val_batches=1, accelerator="cpu", default_root_dir=tmp_path,
+        logger=TensorBoardLogger(tmp_path, name="tb"), enable_checkpointing=False, enable_progress_bar=False,
+    )  # fmt: skip
+    datamodule = RandomClips()
+    trainer.fit(module, datamodule=datamodule)
+    (metrics,) = trainer.test(module, datamodule=datamodule)
+    assert any(not torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    assert {"test/psnr", "test/codebook_usage", "test/perplexity", "test/recon_loss"} <= set(metrics)
+    assert 0 < metrics["test/codebook_usage"] <= 1 and metrics["test/psnr"] > 0
+    assert (tmp_path / "reconstructions" / "test.gif").is_file()
+    assert (tmp_path / "reconstructions" / "test_frames.png").is_file()

@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 from magnets.data.base import to_unit_float
 from magnets.lit.checkpoints import load_model_weights, read_checkpoint
 from magnets.lit.optim import warmup_cosine
-from magnets.media import log_media
+from magnets.media import log_media, save_media
 from magnets.metrics.codebook import CodebookUsage
 from magnets.models.tokenizer import build_tokenizer
 from magnets.models.vq import VectorQuantizer
@@ -134,6 +134,8 @@ class TokenizerModule(L.LightningModule):
         n = min(self.hparams.grid_images, len(media))
         pairs = torch.stack([media[:n], recon[:n]], dim=1).flatten(0, 1)  # [2n, C, ...]: original, reconstruction, ...
         log_media(getattr(self.logger, "experiment", None), f"{split}/reconstructions", pairs, self.global_step, nrow=8)
+        if split == "test" and self.trainer.is_global_zero:  # also as files: a PNG grid, or a GIF and a frame strip
+            save_media(pairs.cpu(), Path(self.trainer.default_root_dir) / "reconstructions" / "test", nrow=8)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch, batch_idx)
