@@ -19,6 +19,7 @@ from magnets.data.video import (
     UCF101DataModule,
     UCF101Layout,
     VideoDecodeError,
+    held_out_groups,
 )
 from magnets.errors import ConfigError, DataNotFoundError
 
@@ -114,6 +115,20 @@ def test_fold_selects_the_lists_and_val_is_a_seeded_hold_out(tmp_path):
         UCF101Layout(tmp_path, fold=3).entries("train")
     with pytest.raises(ConfigError, match="fold=4"):
         UCF101Layout(tmp_path, fold=4)
+
+
+def test_val_holds_out_whole_groups():
+    """Clips of one UCF101 group come from one long video: a group is all in val or all in train."""
+    names = [f"Bowling/v_Bowling_g{g:02d}_c{c:02d}.avi" for g in range(8, 26) for c in range(1, 4)]
+    names += [f"Drumming/v_drumming_g{g:02d}_c{c:02d}.avi" for g in range(8, 26) for c in range(1, 5)]
+    in_val = held_out_groups(names, val_size=10, seed=0)
+    assert 10 <= sum(in_val) < 10 + 4  # whole groups, just past val_size
+    groups: dict[tuple[str, str], set[bool]] = {}
+    for name, held in zip(names, in_val, strict=True):
+        groups.setdefault((name.split("/")[0], name.split("_g")[1][:2]), set()).add(held)
+    assert all(len(sides) == 1 for sides in groups.values())
+    assert held_out_groups(names, 10, seed=0) == in_val and held_out_groups(names, 10, seed=1) != in_val
+    assert not any(held_out_groups(names, 0, seed=0))
 
 
 def test_kinetics_csv_parsing(tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -286,11 +287,38 @@ def read_ucf_list(path: Path, class_names: Sequence[str]) -> list[tuple[str, int
     return items
 
 
+UCF_GROUP = re.compile(r"v_(?P<action>[^/]+)_g(?P<group>\d+)_c\d+\.\w+$", re.IGNORECASE)
+
+
+def held_out_groups(names: list[str], val_size: int, seed: int) -> list[bool]:
+    """Which listed clips form ``val``: whole UCF101 groups (``<action>, gXX``), drawn in a seeded order until they
+    hold at least ``val_size`` clips. The clips of one group are cut from one long video, so splitting a group
+    would leak it into both splits. A name outside the ``v_<Action>_gXX_cYY`` pattern is a group of its own.
+    """
+    if val_size == 0:
+        return [False] * len(names)
+    keys = []
+    for name in names:
+        match = UCF_GROUP.search(name)
+        keys.append((match["action"].lower(), int(match["group"])) if match else (name, -1))
+    groups = sorted(set(keys))
+    order = np.random.default_rng(seed).permutation(len(groups))
+    sizes = {key: keys.count(key) for key in groups}
+    chosen, count = set(), 0
+    for index in order:
+        if count >= val_size:
+            break
+        chosen.add(groups[index])
+        count += sizes[groups[index]]
+    return [key in chosen for key in keys]
+
+
 class UCF101Layout:
     """UCF101 as distributed: ``<root>/<Class>/v_<Class>_gXX_cYY.avi`` and ``<split_dir>/{classInd,trainlist0k,testlist0k}.txt``.
 
-    ``train`` is the fold's train list less a seeded hold-out of ``val_size``
-    entries, which is ``val``; ``test`` is the fold's test list.
+    ``train`` is the fold's train list less a seeded hold-out of whole groups
+    holding at least ``val_size`` clips, which is ``val`` (:func:`held_out_groups`);
+    ``test`` is the fold's test list.
     """
 
     name = "UCF101"
@@ -329,9 +357,8 @@ class UCF101Layout:
         if split != "test":
             if self.val_size >= len(listed):
                 raise ConfigError("data.module.val_size", self.val_size, f"less than the {len(listed)} entries of the train list")
-            held_out = np.random.default_rng(self.seed).permutation(len(listed))[: self.val_size]
-            keep = np.isin(np.arange(len(listed)), held_out) == (split == "val")
-            listed = [item for item, k in zip(listed, keep, strict=True) if k]
+            held_out = held_out_groups([name for name, _ in listed], self.val_size, self.seed)
+            listed = [item for item, in_val in zip(listed, held_out, strict=True) if in_val == (split == "val")]
         return [VideoEntry(self._files.resolve(*name.split("/", 1)), label, name) for name, label in listed]
 
 
