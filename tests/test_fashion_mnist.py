@@ -10,6 +10,7 @@ from magnets.data import fashion_mnist
 from magnets.data.base import build_datamodule
 from magnets.data.fashion_mnist import ChecksumError, DataNotFoundError
 from magnets.data.images import FashionMNISTDataModule, pad_to
+from magnets.errors import ConfigError
 
 
 def test_parse_idx_round_trip():
@@ -107,13 +108,15 @@ def test_datamodule_split_is_deterministic_and_disjoint(fake_fmnist):
     assert len(a.split_arrays("train")[0]) == 100 and len(a.split_arrays("test")[0]) == 40
     images, labels = next(iter(a.val_dataloader()))
     assert images.shape == (20, 1, 32, 32) and images.dtype == torch.uint8  # the media seam serves uint8
-    assert a.media_info() == {"kind": "image", "resolution": [32, 32], "channels": 1}
-    with pytest.raises(ValueError, match=r"unknown split 'dev'; valid: \['train', 'val', 'test'\]"):
+    splits = {"val_size": 20, "split_seed": 0, "subset": None}
+    assert a.media_info() == {"kind": "image", "resolution": [32, 32], "channels": 1, "splits": splits}
+    with pytest.raises(ValueError, match=r"split='dev' is not valid; valid: train, val, test"):
         a.split_arrays("dev")
 
 
 def test_build_datamodule_names_valid_datasets(tmp_path):
-    with pytest.raises(ValueError, match=r"no media datamodule for dataset 'mnist'; valid: \['fmnist', 'kinetics600'"):
+    valid = "a dataset with media: fmnist, kinetics600, moving_fmnist, ucf101"
+    with pytest.raises(ConfigError, match=rf"data.name='mnist' is not valid; valid: {valid}"):
         build_datamodule({"name": "mnist", "module": {"root": str(tmp_path)}})
 
 

@@ -88,8 +88,9 @@ def test_video_shard_round_trip_and_meta_refusal(tmp_path):
 
 def test_media_writer_images_and_clips(tmp_path):
     images = torch.rand(6, 1, 8, 10)
-    (png,) = save_media(images, tmp_path / "images", nrow=3)
-    assert png.name == "images.png" and np.asarray(Image.open(png)).shape == (2 * 10 + 2, 3 * 12 + 2, 3)
+    (png,) = save_media(images, tmp_path / "images_w0.5", nrow=3)
+    assert png.name == "images_w0.5.png"  # a dot in the stem is part of the name
+    assert np.asarray(Image.open(png)).shape == (2 * 10 + 2, 3 * 12 + 2, 3)
 
     clips = torch.rand(2, 1, 5, 8, 10)
     clips[1] = 0  # the second clip is black: its strip row must be

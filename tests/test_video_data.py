@@ -152,6 +152,12 @@ def test_kinetics_csv_parsing(tmp_path):
         layout.entries("test")
     with pytest.raises(DataNotFoundError, match=str(tmp_path / "elsewhere")):
         KineticsLayout(tmp_path, split_dir=tmp_path / "elsewhere").entries("train")
+    # The test CSV may lack labels (label -1); train and val may not.
+    (tmp_path / "annotations" / "test.csv").write_text("youtube_id,time_start,time_end,split\nddddddddddd,0,10,test\n")
+    assert [e.label for e in KineticsLayout(tmp_path).entries("test")] == [-1]
+    (tmp_path / "annotations" / "validate.csv").write_text(header + ",ccccccccccc,0,10,val\n")
+    with pytest.raises(SplitListError, match=r"validate.csv:2: no label"):
+        KineticsLayout(tmp_path).entries("val")
 
 
 def test_bad_files_are_counted_skips_listed_in_the_report(tmp_path, caplog):
@@ -217,10 +223,22 @@ def test_clip_sampling_offsets_stride_and_shape(tmp_path):
         assert (x == x[:, :, :1, :1]).all()  # every pixel of a frame is its value: nothing resampled
         starts.add(values[0] // 5)
     assert len(starts) > 5 and min(starts) >= 0 and max(starts) <= 17
+    assert {train.start(0) for _ in range(400)} == set(range(18))  # every valid start, the last one included
     for _ in range(3):
         assert test[0][0][0, :, 0, 0].tolist() == [5 * (8 + 3 * i) for i in range(5)]  # the centre clip, always
+    fixed = datamodule.dataset("train", augment=False)  # what tokenization reads: the same clip every time
+    assert {fixed[0][0][0, 0, 0, 0].item() for _ in range(5)} == {5 * 8}
     info = datamodule.media_info()
-    assert info == {"kind": "video", "frames": 5, "stride": 3, "resolution": [32, 32], "fps": 25.0, "channels": 1}
+    splits = {"layout": "ucf101", "fold": 1, "val_size": 0, "seed": 0}
+    assert info == {
+        "kind": "video",
+        "frames": 5,
+        "stride": 3,
+        "resolution": [32, 32],
+        "fps": 25.0,
+        "channels": 1,
+        "splits": splits,
+    }
 
 
 def test_resize_crop_and_grey(tmp_path):

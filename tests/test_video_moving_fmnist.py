@@ -143,4 +143,5 @@ def test_datamodule_from_the_config(fake_fmnist, tmp_path):
         "resolution": [32, 32],
         "fps": 25.0,
         "channels": 1,
+        "splits": {"layout": "ucf101", "fold": 1, "val_size": 10, "seed": 0},
     }

@@ -63,8 +63,10 @@ def test_decoder_is_causal(factorized):
     for c in range(model.grid[0] - 1):
         changed = ids.clone()
         changed[:, c + 1 :] = (changed[:, c + 1 :] + 1) % model.codebook_size
-        # Latent frames 0 .. c alone make frames 0 .. 4c.
-        torch.testing.assert_close(model.decode(changed)[:, :, : 1 + 4 * c], clips[:, :, : 1 + 4 * c], rtol=0, atol=1e-6)
+        # Latent frames 0 .. c alone make frames 0 .. 4c, and latent frame c + 1 reaches frame 4c + 1 (its group's first).
+        decoded = model.decode(changed)
+        torch.testing.assert_close(decoded[:, :, : 1 + 4 * c], clips[:, :, : 1 + 4 * c], rtol=0, atol=1e-6)
+        assert not torch.allclose(decoded[:, :, 1 + 4 * c], clips[:, :, 1 + 4 * c], atol=1e-6)
 
 
 @pytest.mark.parametrize(("frames", "f_t", "t"), [(1, 4, 1), (5, 4, 2), (17, 4, 5), (9, 2, 5), (3, 1, 3)])

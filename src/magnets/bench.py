@@ -19,7 +19,6 @@ not depend on them.
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import time
 from pathlib import Path
@@ -30,11 +29,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from magnets.cli import check_choice, check_decode, check_device, check_model, check_positive_int, check_schedule, run_entry
+from magnets.errors import ConfigError
 from magnets.files import atomic_write_json
 from magnets.flops import decode_flops_per_sample, nested_training_flop_ratio, planned_decode_work
 from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.masking import random_training_mask
 from magnets.models.kv_cache import CACHE_MODES, build_tokens_to_logits
+from magnets.models.tokenizer import num_tokens
 from magnets.models.transformer import MODEL_SIZES, NestedTransformer, TransformerConfig
 from magnets.sampling import SamplingSettings, decode, load_schedule, shipped_schedules
 
@@ -216,8 +217,8 @@ def bench_train(cfg: DictConfig) -> dict[str, Any]:
         for name, widths in variants.items()
     }
     optimizers = {name: torch.optim.AdamW(module.parameters(), lr=1e-4) for name, module in modules.items()}
-    num_tokens = math.prod(cfg.grid)
-    tokens = torch.randint(0, cfg.codebook_size, (cfg.batch_size, num_tokens), device=device)
+    tokens_per_item = num_tokens(cfg.grid)
+    tokens = torch.randint(0, cfg.codebook_size, (cfg.batch_size, tokens_per_item), device=device)
     labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device)
     times: dict[str, list[float]] = {name: [] for name in modules}
     for repeat in range(cfg.warmup + cfg.repeats):
@@ -233,7 +234,7 @@ def bench_train(cfg: DictConfig) -> dict[str, Any]:
                 "model": name,
                 "widths": variants[name],
                 "ms_per_step": 1000 * median,
-                "tokens_per_s": cfg.batch_size * num_tokens / median,
+                "tokens_per_s": cfg.batch_size * tokens_per_item / median,
                 "flops_ratio_vs_single": nested_training_flop_ratio(module.model.cfg) if name == "nested" else 1.0,
             }
         )
@@ -278,6 +279,9 @@ def print_train(result: dict[str, Any], path: Path) -> None:
 
 def check_bench_config(cfg: DictConfig) -> None:
     check_choice("task", cfg.task, TASKS)
+    grid = cfg.grid
+    if not OmegaConf.is_list(grid) or not grid or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid):
+        raise ConfigError("grid", grid, "a token grid as a list of positive sides, e.g. [16,16] or [5,16,16]")
     check_choice("dtype", cfg.dtype, list(DTYPES))
     check_model(cfg.model)
     check_device(cfg.device)

@@ -27,6 +27,7 @@ from magnets.metrics.fid import EXTRACTORS
 from magnets.models.kv_cache import CACHE_MODES
 from magnets.models.tokenizer import TOKENIZER_KINDS, tokenizer_config
 from magnets.models.transformer import MODEL_SIZES
+from magnets.pipeline import LOGGERS
 from magnets.runs import resume_checkpoint
 from magnets.sampling import GUIDANCE_RAMPS, load_schedule, shipped_schedules
 
@@ -122,15 +123,49 @@ def check_stages(stages: Iterable[str]) -> None:
         raise ConfigError("stages", stages, " or ".join(map(str, allowed)))
 
 
+def check_tokenizer_fits_data(cfg: DictConfig) -> None:
+    """The tokenizer's input (size, frames, channels) is what the datamodule serves: found here, not mid-training."""
+    pairs = (("image_size", "image_size"), ("frames", "frames"), ("in_channels", "channels"))
+    for tokenizer_key, data_key in pairs:
+        if tokenizer_key in cfg.tokenizer.model and data_key in cfg.data:
+            value, wanted = cfg.tokenizer.model[tokenizer_key], cfg.data[data_key]
+            if value != wanted:
+                raise ConfigError(f"tokenizer.model.{tokenizer_key}", value, f"{wanted}, the data's {data_key} (data.{data_key})")
+
+
+def check_tokenize(tokenize: Mapping[str, Any], key: str = "tokenize") -> None:
+    """The ``tokenize`` section: splits, mirrored splits, batch size, device, workers."""
+    for name in ("splits", "flip_splits"):
+        for split in tokenize[name]:
+            check_choice(f"{key}.{name}", split, SPLITS)
+    extra = sorted(set(tokenize["flip_splits"]) - set(tokenize["splits"]))
+    if extra:
+        raise ConfigError(
+            f"{key}.flip_splits", list(tokenize["flip_splits"]), f"a subset of {key}.splits={list(tokenize['splits'])}"
+        )
+    check_positive_int(f"{key}.batch_size", tokenize["batch_size"])
+    check_device(tokenize["device"], key=f"{key}.device")
+    if isinstance(tokenize["num_workers"], bool) or not isinstance(tokenize["num_workers"], int) or tokenize["num_workers"] < 0:
+        raise ConfigError(f"{key}.num_workers", tokenize["num_workers"], "a non-negative integer")
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Everything ``python -m magnets.train`` reads, before any stage starts."""
     check_stages(cfg.stages)
+    if cfg.data.pretokenized and cfg.sample_validation.enabled:
+        raise ConfigError(
+            "sample_validation.enabled", True, f"false: {cfg.data.name} is pre-tokenized, so there are no images to validate on"
+        )
+    if not cfg.data.pretokenized:
+        check_tokenizer_fits_data(cfg)
+        if "tokenize" in cfg.stages:
+            check_tokenize(cfg.tokenize)
 
     check_data(cfg.data)
     check_tokenizer(cfg.tokenizer)
     check_model(cfg.model)
     check_choice("distill.mode", cfg.distill.mode, DISTILL_MODES)
-    check_choice("logger.kind", cfg.logger.kind, ("tensorboard", "csv"))
+    check_choice("logger.kind", cfg.logger.kind, LOGGERS)
     check_decode(cfg.decode)
     check_positive_int("maskgit.batch_size", cfg.maskgit.batch_size)
     check_positive_int("maskgit.trainer.max_steps", cfg.maskgit.trainer.max_steps)
@@ -151,13 +186,15 @@ def check_decode_entry(cfg: DictConfig) -> None:
 
 
 def check_device(device: str, key: str = "device") -> None:
-
+    """cpu, cuda or cuda:N (available here), or auto (cuda when available)."""
+    if device == "auto":
+        return
     try:
         parsed = torch.device(device)
     except RuntimeError as err:
-        raise ConfigError(key, device, "cpu, cuda or cuda:N") from err
+        raise ConfigError(key, device, "auto, cpu, cuda or cuda:N") from err
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(key, device, "cpu (no CUDA device is available here)")
+        raise ConfigError(key, device, "cpu or auto (no CUDA device is available here)")
 
 
 def check_sample_config(cfg: DictConfig) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from magnets.errors import MismatchError
 from magnets.flops import decode_flops_per_sample
 from magnets.metrics.fid import FeatureAccumulator, FeatureExtractor, FeatureStats, frechet_distance
 from magnets.models.kv_cache import StepWork, build_tokens_to_logits
@@ -52,7 +53,7 @@ def generate_images(
     cfg = model.cfg
     grid = tuple(tokenizer.grid)
     if list(grid) != list(cfg.grid):
-        raise ValueError(f"the tokenizer makes a {list(grid)} token grid but the model was trained on {cfg.grid}")
+        raise MismatchError(f"the tokenizer makes a {list(grid)} token grid but the model was trained on {cfg.grid}")
     tokens_to_logits = build_tokens_to_logits(model, cache, refresh_every)
     for batch_labels in labels.split(batch_size):
         initial = torch.full((len(batch_labels), cfg.num_tokens), cfg.mask_id, dtype=torch.long, device=labels.device)

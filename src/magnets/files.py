@@ -29,6 +29,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())  # on disk before the rename, so a crash cannot leave an empty file under `path`
         os.chmod(tmp, 0o644)  # mkstemp creates it private; outputs are for everyone who can read the folder
         os.replace(tmp, path)
     finally:

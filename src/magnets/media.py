@@ -51,23 +51,28 @@ def to_uint8_hwc(grid: torch.Tensor) -> np.ndarray:
     return grid.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def save_media(batch: torch.Tensor, path: str | Path, nrow: int = 8, fps: int = 8) -> list[Path]:
-    """Save ``batch`` beside ``path`` (its suffix is ignored); returns the files written.
+def save_media(batch: torch.Tensor, stem: str | Path, nrow: int = 8, fps: int = 8) -> list[Path]:
+    """Save ``batch`` as files named ``stem`` plus an extension; returns the files written.
 
-    Images: ``<path>.png``. Clips: ``<path>.gif`` (the grid, animated at
-    ``fps``) and ``<path>_frames.png`` (the frame strip).
+    Images: ``<stem>.png``. Clips: ``<stem>.gif`` (the grid, animated at
+    ``fps``) and ``<stem>_frames.png`` (the frame strip). ``stem`` is used as
+    given, dots included (``grid_w0.5`` gives ``grid_w0.5.png``).
     """
-    stem = Path(path).with_suffix("")
+    stem = Path(stem)
+
+    def named(ending: str) -> Path:
+        return stem.with_name(stem.name + ending)
+
     if not is_video(batch):
-        png = stem.with_suffix(".png")
+        png = named(".png")
         return [atomic_write(png, lambda tmp: Image.fromarray(to_uint8_hwc(image_grid(batch, nrow))).save(tmp, format="PNG"))]
     frames = [Image.fromarray(to_uint8_hwc(frame)) for frame in grid_frames(batch, nrow)]
-    gif = stem.with_suffix(".gif")
+    gif = named(".gif")
     atomic_write(
         gif,
         lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=1000 // fps, loop=0),
     )
-    strip = stem.with_name(f"{stem.name}_frames.png")
+    strip = named("_frames.png")
     atomic_write(strip, lambda tmp: Image.fromarray(to_uint8_hwc(frame_strip(batch))).save(tmp, format="PNG"))
     return [gif, strip]
 

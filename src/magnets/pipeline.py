@@ -39,17 +39,20 @@ from magnets.data.base import build_datamodule
 from magnets.data.shards import TokenDataModule
 from magnets.data.tokenization import tokenize_splits
 from magnets.errors import DataNotFoundError, MismatchError
-from magnets.files import atomic_write_json, file_sha256
+from magnets.files import atomic_write_json, atomic_write_text, file_sha256
 from magnets.lit.callbacks import ConfigInCheckpoint
 from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.lit.sampling_validation import SamplingValidation
 from magnets.lit.tokenizer import TokenizerModule, load_tokenizer
 from magnets.metrics.classifier import fit_classifier
 from magnets.metrics.fid import ClassifierFeatures, feature_stats
-from magnets.models.tokenizer import token_grid, tokenizer_config
+from magnets.models.tokenizer import num_tokens, token_grid, tokenizer_config
 from magnets.models.transformer import MODEL_SIZES
 from magnets.runs import (
+    INTERRUPTED_NAME,
     check_resume_compatible,
+    checkpoint_dir,
+    last_checkpoint,
     newest_checkpoint,
     resume_checkpoint,
     save_checkpoint_atomically,
@@ -107,9 +110,9 @@ def stage_trainer(
         default_root_dir=out_dir,
         logger=build_logger(cfg.logger.kind, out_dir),
         callbacks=[
-            ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=checkpoint_every),
+            ModelCheckpoint(dirpath=checkpoint_dir(out_dir), save_last=True, save_top_k=0, every_n_train_steps=checkpoint_every),
             # Lightning deletes this one when a run ends normally: it exists only after a crash or Ctrl-C.
-            OnExceptionCheckpoint(dirpath=out_dir / "checkpoints", filename="interrupted"),
+            OnExceptionCheckpoint(dirpath=checkpoint_dir(out_dir), filename=INTERRUPTED_NAME),
             ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)),
             TQDMProgressBar(refresh_rate=cfg.progress_refresh_rate),
             *callbacks,
@@ -142,10 +145,12 @@ def fit_tokenizer(cfg: DictConfig) -> Path:
         **optim,
         **codebook,
         content_size=getattr(datamodule, "content_size", None),
-        grid_images=cfg.tokenizer.get("grid_images", 32),
     )
     trainer = stage_trainer(cfg, tok_dir, cfg.tokenizer.trainer, cfg.tokenizer.checkpoint_every)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=newest_checkpoint(tok_dir))
+    resume = newest_checkpoint(tok_dir)
+    if resume is not None:
+        check_tokenizer_matches(resume, cfg.tokenizer.kind, model_cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     if not trainer.state.finished:
         raise RuntimeError(f"tokenizer training stopped early ({trainer.state.status}); rerun to resume it")
     (test_metrics,) = trainer.test(module, datamodule=datamodule)
@@ -164,7 +169,7 @@ def token_bits_per_pixel(grid: tuple[int, ...], codebook_size: int, media: dict[
     """Bits of the token grid per pixel position (per frame pixel for clips): ``prod(grid) log2(V) / (T H W)``."""
     height, width = media["resolution"]
     frames = media.get("frames", 1) if media["kind"] == "video" else 1
-    return math.prod(grid) * math.log2(codebook_size) / (frames * height * width)
+    return num_tokens(grid) * math.log2(codebook_size) / (frames * height * width)
 
 
 def maskgit_model_config(cfg: DictConfig) -> dict[str, Any]:
@@ -274,13 +279,20 @@ def fit_maskgit(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> dict
     if not trainer.state.finished:
         raise RuntimeError(f"training stopped early ({trainer.state.status}); rerun with resume=last to continue")
     # The periodic last.ckpt may predate the final steps: save the end state explicitly.
-    final = run_dir / "checkpoints" / "last.ckpt"
+    final = last_checkpoint(run_dir)
     save_checkpoint_atomically(trainer, final)
     (val_metrics,) = trainer.validate(module, datamodule=datamodule)
     if trainer.is_global_zero:
         atomic_write_json(run_dir / "metrics.json", {k: float(v) for k, v in val_metrics.items()})
         log.info("held-out masked-token metrics: %s", val_metrics)
     return {"module": module, "checkpoint": final, "metrics": val_metrics}
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: cuda when a GPU is visible, else cpu; anything else as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def tokenize(cfg: DictConfig) -> dict[str, Path]:
@@ -293,16 +305,9 @@ def tokenize(cfg: DictConfig) -> dict[str, Path]:
         splits=list(cfg.tokenize.splits),
         flip_splits=list(cfg.tokenize.flip_splits),
         batch_size=cfg.tokenize.batch_size,
-        device=cfg.tokenize.device,
-        num_workers=cfg.tokenize.get("num_workers", 0),
+        device=resolve_device(cfg.tokenize.device),
+        num_workers=cfg.tokenize.num_workers,
     )
-
-
-def media_stages(cfg: DictConfig) -> dict[str, Any]:
-    """The stages before the transformer, on one process: tokenizer, then token shards (``tokenize`` in ``cfg.stages``)."""
-    tokenizer_ckpt = fit_tokenizer(cfg)
-    shards = tokenize(cfg) if "tokenize" in cfg.stages else {}
-    return {"tokenizer": tokenizer_ckpt, "shards": shards}
 
 
 def check_pretokenized(cfg: DictConfig) -> None:
@@ -317,45 +322,65 @@ def check_pretokenized(cfg: DictConfig) -> None:
         )
 
 
-def wait_for_shards(cfg: DictConfig, tokenizer_ckpt: Path, poll_s: float = 5.0, timeout_s: float = 4 * 3600) -> None:
+def tokenize_failed_marker(cfg: DictConfig) -> Path:
+    """The file rank 0 leaves when tokenization fails, so that the processes waiting for its shards stop too."""
+    return Path(cfg.tokenize.out_dir) / ".tokenize_failed"
+
+
+def tokenize_once(cfg: DictConfig, tokenizer_ckpt: Path) -> dict[str, Path]:
+    """Rank 0 writes the token shards; every other process polls for them.
+
+    Polling rather than a collective barrier: tokenizing a large video split
+    can outlast a process group's timeout. If rank 0 fails, it leaves
+    :func:`tokenize_failed_marker` and the waiting processes raise as well.
+    """
+    marker = tokenize_failed_marker(cfg)
+    if rank_zero_only.rank == 0:
+        marker.unlink(missing_ok=True)
+        try:
+            return tokenize(cfg)
+        except BaseException as err:
+            atomic_write_text(marker, f"{type(err).__name__}: {err}\n")
+            raise
+    wait_for_shards(cfg, tokenizer_ckpt)
+    return {split: shard_dir(cfg.tokenize.out_dir, split) for split in cfg.tokenize.splits}
+
+
+def wait_for_shards(cfg: DictConfig, tokenizer_ckpt: Path, poll_s: float = 5.0, timeout_s: float = 24 * 3600) -> None:
     """Wait until rank 0 has written every configured split's shard with this tokenizer's tokens."""
     sha = file_sha256(tokenizer_ckpt)
+    marker = tokenize_failed_marker(cfg)
     deadline = time.monotonic() + timeout_s
     for split in cfg.tokenize.splits:
         meta_path = shard_dir(cfg.tokenize.out_dir, split) / "meta.json"
         while not (meta_path.is_file() and json.loads(meta_path.read_text()).get("tokenizer_sha256") == sha):
+            if marker.is_file():
+                raise RuntimeError(f"rank {rank_zero_only.rank}: rank 0 failed to tokenize ({marker.read_text().strip()})")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rank {rank_zero_only.rank}: no shard with tokenizer {sha[:12]} at {meta_path.parent}")
             time.sleep(poll_s)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run the experiment's ``stages`` in order; returns the outputs of each stage that ran."""
-    L.seed_everything(cfg.seed, workers=True)
-    if "maskgit" not in cfg.stages:
-        return media_stages(cfg)
-    tokenizer_ckpt, shards, callbacks = None, {}, []
+    """Run the experiment's ``stages`` in order; returns the outputs of each stage that ran.
+
+    ``classifier`` runs only for ``sample_validation`` (it is the validation
+    callback's feature network); the tokenizer and its shards are skipped for
+    pre-tokenized data.
+    """
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    stages = list(cfg.stages)
+    out: dict[str, Any] = {"tokenizer": None, "shards": {}}
+    callbacks: list[L.Callback] = []
     if cfg.data.pretokenized:
         check_pretokenized(cfg)
-        if cfg.sample_validation.enabled:
-            raise ValueError(
-                f"sample_validation.enabled=true needs images of {cfg.data.name}, but it is pre-tokenized: "
-                "set sample_validation.enabled=false"
-            )
     else:
-        tokenizer_ckpt = fit_tokenizer(cfg)
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if rank_zero_only.rank == 0:  # one process writes the shards; the others wait for it
-            shards = tokenize(cfg)
-        elif not distributed:  # processes started by torchrun/SLURM before any process group exists
-            wait_for_shards(cfg, tokenizer_ckpt)
-        if distributed:
-            torch.distributed.barrier()
-        if cfg.sample_validation.enabled:
-            classifier_path = fit_classifier_stage(cfg)
-            if distributed:
-                torch.distributed.barrier()
-            callbacks.append(sampling_validation(cfg, tokenizer_ckpt, classifier_path))
-    L.seed_everything(cfg.seed, workers=True)
-    maskgit = fit_maskgit(cfg, callbacks)
-    return {"tokenizer": tokenizer_ckpt, "shards": shards, "maskgit": maskgit}
+        out["tokenizer"] = fit_tokenizer(cfg)
+        if "tokenize" in stages:
+            out["shards"] = tokenize_once(cfg, out["tokenizer"])
+        if "classifier" in stages and cfg.sample_validation.enabled:
+            callbacks.append(sampling_validation(cfg, out["tokenizer"], fit_classifier_stage(cfg)))
+    if "maskgit" in stages:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        out["maskgit"] = fit_maskgit(cfg, callbacks)
+    return out

@@ -17,8 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from magnets.errors import ConfigError, MismatchError
 
-# Checkpoints a stage leaves: the periodic/final one, and the one written when a run crashes or is interrupted.
-RESUMABLE_CHECKPOINTS = ("last.ckpt", "interrupted.ckpt")
+# Checkpoints a stage leaves in checkpoint_dir(): the periodic/final one, and the one written when a run crashes
+# or is interrupted (Lightning's OnExceptionCheckpoint adds the suffix to INTERRUPTED_NAME).
+INTERRUPTED_NAME = "interrupted"
+RESUMABLE_CHECKPOINTS = ("last.ckpt", f"{INTERRUPTED_NAME}.ckpt")
 # Config entries a resumed run must share with the run that wrote its checkpoint.
 RESUME_MUST_MATCH = ("model", "distill", "tokenizer.kind", "tokenizer.model", "data.name", "tokenize.out_dir", "seed")
 
@@ -28,6 +30,15 @@ def tokenizer_final_checkpoint(tokenizer_dir: str | Path) -> Path:
     return Path(tokenizer_dir) / "tokenizer.ckpt"
 
 
+def checkpoint_dir(stage_dir: str | Path) -> Path:
+    """Where a stage's Trainer writes ``last.ckpt`` (and ``interrupted.ckpt`` after a crash)."""
+    return Path(stage_dir) / "checkpoints"
+
+
+def last_checkpoint(stage_dir: str | Path) -> Path:
+    return checkpoint_dir(stage_dir) / RESUMABLE_CHECKPOINTS[0]
+
+
 def shard_dir(out_dir: str | Path, split: str) -> Path:
     """Where the token shard of ``split`` lives."""
     return Path(out_dir) / split
@@ -35,7 +46,7 @@ def shard_dir(out_dir: str | Path, split: str) -> Path:
 
 def newest_checkpoint(root: str | Path, pattern: str = "checkpoints") -> Path | None:
     """The most recently written ``last.ckpt`` or ``interrupted.ckpt`` under ``root/pattern``, if any."""
-    candidates = [p for name in RESUMABLE_CHECKPOINTS for p in Path(root).glob(f"{pattern}/{name}")]
+    candidates = [p for name in RESUMABLE_CHECKPOINTS for p in Path(root).glob(f"{pattern}/{name}")]  # pattern: checkpoint_dir
     return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
 
 
@@ -83,7 +94,10 @@ def tokenizer_of_run(run_config: dict[str, Any], checkpoint: Path, runs: str | P
         path = Path(explicit) if explicit else tokenizer_final_checkpoint(run_config["tokenizer"]["dir"])
         saved_runs = Path(run_config["paths"]["runs"])
     except (KeyError, TypeError) as err:
-        raise ValueError(f"{checkpoint} holds no run config naming its tokenizer (tokenize.checkpoint, tokenizer.dir)") from err
+        raise MismatchError(
+            f"{checkpoint} holds no run config naming its tokenizer (tokenize.checkpoint, tokenizer.dir): "
+            "give tokenizer_checkpoint=PATH"
+        ) from err
     if not path.is_absolute() and path.is_relative_to(saved_runs):
         return Path(runs, path.relative_to(saved_runs))
     return path

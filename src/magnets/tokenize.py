@@ -11,13 +11,15 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from magnets.cli import check_data, check_tokenizer, run_entry
+from magnets.cli import check_data, check_tokenize, check_tokenizer, check_tokenizer_fits_data, run_entry
 from magnets.pipeline import tokenize
 
 
 def check_tokenize_config(cfg: DictConfig) -> None:
     check_data(cfg.data)
     check_tokenizer(cfg.tokenizer)
+    check_tokenizer_fits_data(cfg)
+    check_tokenize(cfg.tokenize)
 
 
 @hydra.main(config_path="../../conf", config_name="config", version_base="1.3")

@@ -24,13 +24,19 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from magnets.errors import ConfigError
+
 SPLITS = ("train", "val", "test")
 
 
 @runtime_checkable
 class MediaDataModule(Protocol):
-    def dataset(self, split: str) -> Dataset:
-        """Items ``(uint8 [C, H, W] or [C, T, H, W], int label)`` of ``split`` (one of :data:`SPLITS`)."""
+    def dataset(self, split: str, augment: bool | None = None) -> Dataset:
+        """Items ``(uint8 [C, H, W] or [C, T, H, W], int label)`` of ``split`` (one of :data:`SPLITS`).
+
+        ``augment`` (default: ``split == "train"``) allows random views (e.g. a
+        clip's temporal offset); ``False`` makes every read of an item the same.
+        """
         ...
 
     def media_info(self) -> dict[str, Any]:
@@ -47,7 +53,7 @@ class MediaLoaders(L.LightningDataModule):
     batch_size: int
     num_workers: int
 
-    def dataset(self, split: str) -> Dataset:
+    def dataset(self, split: str, augment: bool | None = None) -> Dataset:
         raise NotImplementedError
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
@@ -72,7 +78,7 @@ class MediaLoaders(L.LightningDataModule):
 
 def check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {list(SPLITS)}")
+        raise ConfigError("split", split, SPLITS)
 
 
 def to_unit_float(x: torch.Tensor) -> torch.Tensor:
@@ -95,9 +101,9 @@ def build_datamodule(cfg: Mapping[str, Any]) -> MediaDataModule:
     """The datamodule named by ``cfg['name']``, built from ``cfg['module']`` (the ``data`` config group)."""
     name = cfg["name"]
     if name not in DATAMODULES:
-        raise ValueError(f"no media datamodule for dataset {name!r}; valid: {sorted(DATAMODULES)}")
+        raise ConfigError("data.name", name, f"a dataset with media: {', '.join(sorted(DATAMODULES))}")
     if cfg.get("module") is None:
-        raise ValueError(f"dataset {name!r} has no media (data.module is null): it is pre-tokenized")
+        raise ConfigError("data.module", None, f"the arguments of {name}'s datamodule (null: {name} is pre-tokenized, no media)")
     module_name, class_name = DATAMODULES[name]
     datamodule_class = getattr(importlib.import_module(module_name), class_name)
     return datamodule_class(**cfg["module"])

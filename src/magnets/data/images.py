@@ -79,7 +79,8 @@ class FashionMNISTDataModule(MediaLoaders):
         fashion_mnist.locate(self.root, self.download_url, self.search_debian)
 
     def media_info(self) -> dict[str, Any]:
-        return {"kind": "image", "resolution": [self.image_size, self.image_size], "channels": 1}
+        splits = {"val_size": self.val_size, "split_seed": self.split_seed, "subset": self.subset}
+        return {"kind": "image", "resolution": [self.image_size, self.image_size], "channels": 1, "splits": splits}
 
     def split_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Images ``[N, 1, S, S]`` uint8 and labels ``[N]`` of ``train``, ``val`` or ``test``."""
@@ -109,5 +110,6 @@ class FashionMNISTDataModule(MediaLoaders):
         if not self._splits:
             self._load()
 
-    def dataset(self, split: str) -> ImageArrayDataset:
+    def dataset(self, split: str, augment: bool | None = None) -> ImageArrayDataset:
+        """Images of ``split``; ``augment`` is accepted for the protocol: these items are never augmented."""
         return ImageArrayDataset(*self.split_arrays(split))

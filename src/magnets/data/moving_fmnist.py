@@ -45,7 +45,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from magnets.data import fashion_mnist
-from magnets.data.video import DECODE_ERRORS, KineticsLayout, UCF101Layout, VideoDataModule, VideoEntry, VideoProbe
+from magnets.data.video import (
+    DECODE_ERRORS,
+    KineticsLayout,
+    UCF101Layout,
+    VideoDataModule,
+    VideoEntry,
+    VideoProbe,
+    kinetics_clip_name,
+)
 from magnets.errors import ConfigError
 
 CLASS_NAMES = ("TShirtTop", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "AnkleBoot")
@@ -227,7 +235,7 @@ def write_kinetics(out: Path, generated: Iterator[tuple[PlannedVideo, np.ndarray
     rows: dict[str, list[dict[str, str]]] = {"train": [], "val": [], "test": []}
     for video, frames in generated:
         row = kinetics_row(video, spec)
-        path = out / row["label"] / f"{row['youtube_id']}_{int(row['time_start']):06d}_{int(row['time_end']):06d}.mp4"
+        path = out / row["label"] / kinetics_clip_name(row["youtube_id"], row["time_start"], row["time_end"])
         write_video(path, frames, spec.fps)
         rows[row["split"]].append(row)
     (out / "annotations").mkdir()

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from magnets.errors import MismatchError
+from magnets.models.tokenizer import num_tokens
 
 FORMAT_VERSION = 1
 
@@ -52,7 +53,7 @@ class ShardMeta:
 
     @property
     def tokens_per_item(self) -> int:
-        return int(np.prod(self.grid))
+        return num_tokens(self.grid)
 
 
 def utc_now() -> str:

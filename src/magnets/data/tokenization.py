@@ -9,6 +9,7 @@ same augmentation, same count) is skipped.
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -63,12 +64,18 @@ def encode_split(
         raise ShardError(f"{desc}: the dataset yielded {start} items but reported {n}")
 
 
-def shard_is_current(directory: Path, tokenizer_sha256: str, flip: bool, count: int) -> bool:
+# Meta fields that say nothing about the tokens: when and from which path the shard was written.
+VOLATILE_META = ("created", "tokenizer_checkpoint")
+
+
+def shard_is_current(directory: Path, wanted: ShardMeta) -> bool:
+    """True when the shard at ``directory`` holds what ``wanted`` describes (all but :data:`VOLATILE_META` agree)."""
     try:
         meta = read_meta(directory)
     except ShardError:
         return False
-    return meta.tokenizer_sha256 == tokenizer_sha256 and meta.flip_augmented == flip and meta.count == count
+    found, expected = asdict(meta), asdict(wanted)
+    return all(found[key] == expected[key] for key in expected if key not in VOLATILE_META)
 
 
 def tokenize_splits(
@@ -89,14 +96,11 @@ def tokenize_splits(
     grid = list(tokenizer.grid)
     shards = {}
     for split in splits:
-        dataset = datamodule.dataset(split)
+        dataset = datamodule.dataset(split, augment=False)  # the same item every time: reproducible shards
         flip = split in flip_splits
         count = len(dataset) * (2 if flip else 1)
         target = shard_dir(out_dir, split)
         shards[split] = target
-        if shard_is_current(target, sha, flip, count):
-            log.info("token shard %s is up to date; skipping", target)
-            continue
         meta = ShardMeta(
             dataset=dataset_name,
             split=split,
@@ -109,6 +113,9 @@ def tokenize_splits(
             created=utc_now(),
             media=datamodule.media_info(),
         )
+        if shard_is_current(target, meta):
+            log.info("token shard %s is up to date; skipping", target)
+            continue
         fill = partial(
             encode_split,
             tokenizer=tokenizer,

@@ -242,6 +242,8 @@ class VideoLayout(Protocol):
 
     def list_file(self, split: str) -> Path: ...
 
+    def split_rule(self) -> dict[str, Any]: ...
+
 
 def _read_lines(path: Path) -> list[tuple[int, str]]:
     """Non-blank lines of a split list with their 1-based numbers, CR/LF stripped."""
@@ -347,6 +349,10 @@ class UCF101Layout:
     def class_names(self) -> list[str]:
         return read_ucf_class_index(self._require(self.split_dir / "classInd.txt"))
 
+    def split_rule(self) -> dict[str, Any]:
+        """What decides which videos form each split (recorded in token shards' meta)."""
+        return {"layout": "ucf101", "fold": self.fold, "val_size": self.val_size, "seed": self.seed}
+
     def list_file(self, split: str) -> Path:
         check_split(split)
         kind = "test" if split == "test" else "train"
@@ -362,18 +368,24 @@ class UCF101Layout:
         return [VideoEntry(self._files.resolve(*name.split("/", 1)), label, name) for name, label in listed]
 
 
-def read_kinetics_csv(path: Path) -> list[dict[str, str]]:
+def read_kinetics_csv(path: Path, require_label: bool = True) -> list[dict[str, str]]:
     """Rows of a Kinetics annotation CSV (``label,youtube_id,time_start,time_end,split``), checked for those columns.
 
-    A file without ``label`` (the Kinetics test set as first released) gets label ``""``.
+    With ``require_label`` false (the test CSV: the Kinetics test set was
+    first released without labels) a missing ``label`` column or value gives
+    label ``""``; otherwise it is an error naming the file and line.
     """
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         columns = set(reader.fieldnames or ())
-        needed = {"youtube_id", "time_start", "time_end"}
+        needed = {"youtube_id", "time_start", "time_end"} | ({"label"} if require_label else set())
         if not needed <= columns:
             raise SplitListError(f"{path}: header must name label,youtube_id,time_start,time_end,split; got {reader.fieldnames}")
-        return [{**row, "label": row.get("label") or ""} for row in reader]
+        rows = [{**row, "label": row.get("label") or ""} for row in reader]
+    unlabelled = [line for line, row in enumerate(rows, start=2) if require_label and not row["label"]]
+    if unlabelled:
+        raise SplitListError(f"{path}:{unlabelled[0]}: no label ({len(unlabelled)} rows without one)")
+    return rows
 
 
 def kinetics_clip_name(youtube_id: str, time_start: str, time_end: str) -> str:
@@ -406,13 +418,17 @@ class KineticsLayout:
         check_split(split)
         return self.split_dir / self.csv_names[split]
 
+    def split_rule(self) -> dict[str, Any]:
+        """What decides which videos form each split (recorded in token shards' meta)."""
+        return {"layout": "kinetics600"}
+
     def _rows(self, split: str) -> list[dict[str, str]]:
         path = self.list_file(split)
         if not self.root.is_dir():
             raise DataNotFoundError(f"{self.name} not found: {self.root} does not exist; {self.get_data}")
         if not path.is_file():
             raise DataNotFoundError(f"{self.name} annotations {path} not found (looked in {self.split_dir}); {self.get_data}")
-        return read_kinetics_csv(path)
+        return read_kinetics_csv(path, require_label=split != "test")
 
     def class_names(self) -> list[str]:
         if self._class_names is None:
@@ -570,9 +586,15 @@ class VideoDataModule(MediaLoaders):
             )
         return items
 
-    def dataset(self, split: str) -> VideoClipDataset:
-        """Clips of ``split``: ``(uint8 [C, T, size, size], label)``, a random start in ``train``, the centre clip otherwise."""
-        return VideoClipDataset(self.items(split), self.frames, self.stride, self.size, self.channels, train=split == "train")
+    def dataset(self, split: str, augment: bool | None = None) -> VideoClipDataset:
+        """Clips of ``split``: ``(uint8 [C, T, size, size], label)``.
+
+        ``augment`` (default: ``split == "train"``) picks a random start per
+        read; otherwise every read gives the centre clip (tokenization asks for
+        that, so that shards are reproducible).
+        """
+        augment = split == "train" if augment is None else augment
+        return VideoClipDataset(self.items(split), self.frames, self.stride, self.size, self.channels, train=augment)
 
     def media_info(self) -> dict[str, Any]:
         fps = [probe.fps for _, probe in self.items("train")]
@@ -583,6 +605,7 @@ class VideoDataModule(MediaLoaders):
             "resolution": [self.size, self.size],
             "fps": round(float(np.median(fps)), 3),  # the train videos' median
             "channels": self.channels,
+            "splits": self.layout.split_rule(),
         }
 
     def setup(self, stage: str | None = None) -> None:

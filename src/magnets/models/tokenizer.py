@@ -87,4 +87,5 @@ def token_grid(kind: str, model: Mapping[str, Any]) -> tuple[int, ...]:
 
 
 def num_tokens(grid: tuple[int, ...] | list[int]) -> int:
+    """Tokens per item of a token grid (the one home of ``prod(grid)``)."""
     return math.prod(grid)

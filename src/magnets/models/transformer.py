@@ -13,13 +13,14 @@ cache written at one width can be read at another (``models/kv_cache.py``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from magnets.models.tokenizer import num_tokens
 
 if TYPE_CHECKING:
     from magnets.models.kv_cache import KVCache
@@ -75,7 +76,7 @@ class TransformerConfig:
     @property
     def num_tokens(self) -> int:
         """Tokens per item: the product of the grid's sides."""
-        return math.prod(self.grid)
+        return num_tokens(self.grid)
 
     @property
     def mask_id(self) -> int:
