@@ -54,6 +54,10 @@ def test_items_bounce_inside_the_canvas():
     video = moving_clip(item, np.random.default_rng(1), 60, 32, speed)  # [T, 32, 32]
     assert (video.reshape(60, -1).sum(1) == item.sum()).all()  # the whole item is on the canvas in every frame
     assert (video[1:] != video[:-1]).any(axis=(1, 2)).mean() > 0.9  # and it moves
+    # Two items on a canvas no larger than one: they overlap everywhere, and the composite is their max.
+    pair = np.stack([np.full((8, 8), 90, np.uint8), np.tile(np.array([0, 250], np.uint8), (8, 4))])
+    overlap = moving_clip(pair, np.random.default_rng(2), 3, 8, speed)  # [T, 8, 8]
+    assert (overlap == np.maximum(pair[0], pair[1])).all()
 
 
 def test_generator_is_deterministic():

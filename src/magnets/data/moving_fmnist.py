@@ -8,8 +8,10 @@ component negated when it reaches a wall; several items are composited with
 
 Videos are grouped like UCF101's: 25 groups per class, ``clips_per_group``
 clips each; a group's clips share the item images (drawn from the
-Fashion-MNIST test set for groups 1-7, the train set otherwise) and differ
-in their motion. Files are H.264 RGB at qp 0 (``libx264rgb``), which decord
+Fashion-MNIST test set for groups 1-7, the train set otherwise: fold 1's
+test groups, so fold 1 tests on items never seen in training; folds 2 and 3
+move other groups to test and do not keep that property) and differ in
+their motion. Files are H.264 RGB at qp 0 (``libx264rgb``), which decord
 reads back bit-exactly, grey frames stored as R = G = B.
 
 - ``ucf101`` layout: ``<Class>/v_<Class>_gXX_cYY.avi`` and
