@@ -36,7 +36,8 @@ def video_cfg(fake_fmnist, tmp_path, *extra: str):
             "data.module.batch_size=4",
             "tokenizer.model.channels=[4,8,8]",
             "tokenizer.model.num_res_blocks=1",
-            "tokenizer.model.fsq_levels=[5,4,3]",
+            "tokenizer.model.vq_codebook_size=32",
+            "tokenizer.codebook.restart_every=1",
             "tokenizer.trainer.max_steps=2",
             "tokenizer.checkpoint_every=1",
             "tokenize.batch_size=16",
@@ -53,8 +54,8 @@ def test_moving_fmnist_clips_to_token_shards(fake_fmnist, tmp_path):
     assert "maskgit" not in out  # stages: [tokenizer, tokenize]
     shards = {}
     for split, count in (("train", 2 * 170), ("val", 10), ("test", 70)):  # train with mirrored copies
-        tokens, labels, meta = open_shard(out["shards"][split], codebook_size=60, grid=[5, 8, 8])
-        assert tokens.shape == (count, 320) and int(tokens.max()) < 60 and set(np.unique(labels)) <= set(range(10))
+        tokens, labels, meta = open_shard(out["shards"][split], codebook_size=32, grid=[5, 8, 8])
+        assert tokens.shape == (count, 320) and int(tokens.max()) < 32 and set(np.unique(labels)) <= set(range(10))
         assert meta.media["kind"] == "video" and meta.media["frames"] == 17 and meta.media["splits"]["fold"] == 1
         shards[split] = (tokens, meta)
     # The shards hold the centre clip of every video, so a rerun of the encoder reproduces them exactly.
@@ -65,7 +66,7 @@ def test_moving_fmnist_clips_to_token_shards(fake_fmnist, tmp_path):
 
     tokenizer_dir = out["tokenizer"].parent
     metrics = json.loads((tokenizer_dir / "metrics.json").read_text())
-    assert metrics["bits_per_pixel"] == pytest.approx(5 * 8 * 8 * math.log2(60) / (17 * 32 * 32))
+    assert metrics["bits_per_pixel"] == pytest.approx(5 * 8 * 8 * math.log2(32) / (17 * 32 * 32))
     assert 0 < metrics["test/codebook_usage"] <= 1 and metrics["test/psnr"] > 0
     assert (tokenizer_dir / "reconstructions" / "test.gif").is_file()
 

@@ -139,7 +139,7 @@ def test_registry_builds_it_and_config_grid_matches_model():
 
 
 @pytest.mark.parametrize(
-    ("name", "grid", "codebook_size"), [("moving_fmnist_causal3d", (5, 8, 8), 125), ("causal3d_paper", (5, 16, 16), 1000)]
+    ("name", "grid", "codebook_size"), [("moving_fmnist_causal3d", (5, 8, 8), 128), ("causal3d_paper", (5, 16, 16), 1000)]
 )
 def test_config_files(name, grid, codebook_size):
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
