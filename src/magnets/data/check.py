@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import decord
 import hydra
 import numpy as np
 from omegaconf import DictConfig
@@ -24,7 +23,16 @@ from tqdm import tqdm
 
 from magnets.cli import run_entry
 from magnets.data.base import SPLITS, build_datamodule
-from magnets.data.video import DECODE_ERRORS, BadVideo, VideoDataModule, VideoProbe, clip_span, probe_video, too_short_reason
+from magnets.data.video import (
+    DECODE_ERRORS,
+    BadVideo,
+    VideoDataModule,
+    VideoProbe,
+    clip_span,
+    open_video,
+    probe_video,
+    too_short_reason,
+)
 from magnets.errors import ConfigError
 from magnets.files import atomic_write_json
 
@@ -34,12 +42,9 @@ DECODE_CHUNK = 64  # frames decoded per call: bounds memory on long videos
 def decode_every_frame(path: Path, frames: int) -> None:
     """Decode frames ``0 .. frames - 1`` of ``path`` with decord; raise :class:`BadVideo` at the first failure."""
     try:
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-        try:
+        with open_video(path) as reader:
             for start in range(0, frames, DECODE_CHUNK):
                 reader.get_batch(list(range(start, min(frames, start + DECODE_CHUNK))))
-        finally:
-            del reader
     except DECODE_ERRORS as err:
         raise BadVideo(f"unreadable: decoding failed ({err})") from err
 

@@ -40,7 +40,6 @@ from functools import partial
 from pathlib import Path
 
 import av
-import decord
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -55,6 +54,7 @@ from magnets.data.video import (
     VideoEntry,
     VideoProbe,
     kinetics_clip_name,
+    open_video,
 )
 from magnets.errors import ConfigError
 
@@ -159,9 +159,8 @@ def reads_back_exactly(path: Path, frames: np.ndarray) -> bool:
     """
     write_video(path, frames)
     try:
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-        back = reader.get_batch(list(range(len(frames)))).asnumpy()
-        del reader
+        with open_video(path) as reader:
+            back = reader.get_batch(list(range(len(frames)))).asnumpy()
     except DECODE_ERRORS:
         return False
     finally:

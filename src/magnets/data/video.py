@@ -22,8 +22,9 @@ import csv
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -101,14 +102,11 @@ def probe_video(path: Path) -> VideoProbe:
     except DECODE_ERRORS as err:
         raise BadVideo(f"unreadable: {err}") from err
     try:
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-        try:
+        with open_video(path) as reader:
             frames, fps = len(reader), float(reader.get_avg_fps())
             if frames == 0:
                 raise BadVideo("unreadable: no frames")
             height, width = reader.get_batch([0]).asnumpy().shape[1:3]  # the first frame, read as items are
-        finally:
-            del reader
     except DECODE_ERRORS as err:
         raise BadVideo(f"unreadable: {err}") from err
     if declared > frames + 1:  # some muxers count one frame more than they store; a cut file loses many
@@ -123,14 +121,24 @@ def too_short_reason(probe: VideoProbe, frames: int, stride: int) -> str | None:
     return None
 
 
+@contextmanager
+def open_video(path: Path) -> Iterator[decord.VideoReader]:
+    """One decord reader of ``path`` (single-threaded, on the CPU), released when the block ends.
+
+    Decord's own errors propagate (see :data:`DECODE_ERRORS`); callers turn them into their reason.
+    """
+    reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    try:
+        yield reader
+    finally:
+        del reader
+
+
 def read_clip(path: Path, indices: Sequence[int]) -> np.ndarray:
     """Frames ``indices`` of ``path`` as ``[T, H, W, 3]`` uint8 RGB, one decord reader opened and released."""
     try:
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-        try:
+        with open_video(path) as reader:
             return reader.get_batch(list(indices)).asnumpy()
-        finally:
-            del reader
     except DECODE_ERRORS as err:
         raise VideoDecodeError(
             f"cannot decode {path} ({err}); run `make data-check` (python -m magnets.data.check) to list every bad file"
