@@ -46,7 +46,7 @@ from magnets.lit.sampling_validation import SamplingValidation
 from magnets.lit.tokenizer import TokenizerModule, load_tokenizer
 from magnets.metrics.classifier import fit_classifier
 from magnets.metrics.fid import ClassifierFeatures, feature_stats
-from magnets.models.tokenizer import num_tokens, token_grid, tokenizer_config
+from magnets.models.tokenizer import num_tokens, tokenizer_config
 from magnets.models.transformer import MODEL_SIZES
 from magnets.runs import (
     INTERRUPTED_NAME,
@@ -176,19 +176,15 @@ def maskgit_model_config(cfg: DictConfig) -> dict[str, Any]:
     """Transformer config: the size's dimensions, the widths, and what the tokenizer and data fix."""
     if cfg.model.size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {cfg.model.size!r}; valid: {list(MODEL_SIZES)}")
-    tokenizer_model = OmegaConf.to_container(cfg.tokenizer.model, resolve=True)
+    # The tokenizer's config alone fixes its grid and codebook size: no network is built for them.
+    tokenizer = tokenizer_config(cfg.tokenizer.kind, OmegaConf.to_container(cfg.tokenizer.model, resolve=True))
     return {
         **MODEL_SIZES[cfg.model.size],
         "widths": list(cfg.model.widths),
-        "codebook_size": tokenizer_codebook_size(cfg),
-        "grid": list(token_grid(cfg.tokenizer.kind, tokenizer_model)),
+        "codebook_size": int(tokenizer.codebook_size),
+        "grid": list(tokenizer.grid),
         "num_classes": cfg.data.num_classes,
     }
-
-
-def tokenizer_codebook_size(cfg: DictConfig) -> int:
-    """The codebook size the configured tokenizer produces."""
-    return int(tokenizer_config(cfg.tokenizer.kind, OmegaConf.to_container(cfg.tokenizer.model, resolve=True)).codebook_size)
 
 
 def fit_classifier_stage(cfg: DictConfig, poll_s: float = 5.0, timeout_s: float = 3600) -> Path:

@@ -15,7 +15,7 @@ from magnets.lit.checkpoints import load_model_weights, read_checkpoint
 from magnets.lit.optim import warmup_cosine
 from magnets.media import log_media, save_media
 from magnets.metrics.codebook import CodebookUsage
-from magnets.models.tokenizer import build_tokenizer
+from magnets.models.tokenizer import TrainableTokenizer, build_tokenizer
 from magnets.models.vq import VectorQuantizer
 
 
@@ -52,7 +52,7 @@ class TokenizerModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_tokenizer(kind, model)
+        self.model: TrainableTokenizer = build_tokenizer(kind, model)
         codebook_size = self.model.codebook_size
         self.metrics = torch.nn.ModuleDict(
             {
