@@ -33,18 +33,25 @@ def random_training_mask(
     schedule: str = "cosine",
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    maskable: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean mask ``[B, N]`` (True = masked) for one training batch.
 
-    Each item draws ``r ~ U[0, 1)`` and masks ``ceil(mask_ratio(r) * N)``
-    random positions, at least one.
+    Each item draws ``r ~ U[0, 1)`` and masks ``ceil(mask_ratio(r) * M)``
+    random positions, at least one, among the ``M`` positions that
+    ``maskable`` ``[N]`` allows (default: all N). Positions it forbids
+    (frame prediction's given tokens) are never masked.
     """
+    if maskable is None:
+        maskable = torch.ones(num_tokens, dtype=torch.bool, device=device)
+    if maskable.shape != (num_tokens,) or not bool(maskable.any()):
+        raise ValueError(f"maskable must be a bool [N={num_tokens}] with at least one True, got shape {list(maskable.shape)}")
+    choices = int(maskable.sum())
     progress = torch.rand(batch_size, generator=generator, device=device).tolist()
-    counts = torch.tensor(
-        [min(num_tokens, max(1, math.ceil(mask_ratio(r, schedule) * num_tokens))) for r in progress], device=device
-    )
+    counts = torch.tensor([min(choices, max(1, math.ceil(mask_ratio(r, schedule) * choices))) for r in progress], device=device)
     scores = torch.rand(batch_size, num_tokens, generator=generator, device=device)
-    ranks = scores.argsort(dim=1).argsort(dim=1)  # [B, N]: each position's rank among random scores
+    scores = scores.masked_fill(~maskable.to(device), 2.0)  # above every uniform score: ranked after all maskable positions
+    ranks = scores.argsort(dim=1).argsort(dim=1)  # [B, N]: each position's rank among the scores
     return ranks < counts[:, None]
 
 

@@ -15,6 +15,7 @@ from magnets.lit.checkpoints import load_model_weights, read_checkpoint
 from magnets.lit.optim import warmup_cosine
 from magnets.masking import random_training_mask
 from magnets.models.transformer import NestedTransformer, TransformerConfig
+from magnets.task import Task, task_of_hparams
 
 DISTILL_MODES = ("progressive", "none")
 
@@ -27,7 +28,9 @@ class NestedMaskGITModule(L.LightningModule):
     CE(soft targets of the next larger width, detached)``, alpha decaying
     linearly from 1 to 0 over ``alpha_decay_steps``; with ``distill="none"``
     every width learns from the ground truth only. ``model["widths"] = [1]``
-    is plain single-width MaskGIT.
+    is plain single-width MaskGIT. ``task`` (:class:`magnets.task.Task`
+    fields) says which leading tokens are given (never masked, so never in
+    the loss) and whether the model sees the class.
     """
 
     def __init__(
@@ -43,12 +46,15 @@ class NestedMaskGITModule(L.LightningModule):
         weight_decay: float = 0.045,
         warmup_steps: int = 100,
         seed: int = 0,
+        task: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if distill not in DISTILL_MODES:
             raise ValueError(f"unknown distill mode {distill!r}; valid: {list(DISTILL_MODES)}")
         self.save_hyperparameters()
         self.model = NestedTransformer(TransformerConfig(**model))
+        self.task = Task(**(task or {}))
+        self.task.check_fits(self.model.cfg.num_tokens)
         # Largest first: each width's teacher is the one computed just before it.
         self.widths = sorted(self.model.cfg.widths)
         self.val_loss = torch.nn.ModuleDict({f"p{p}": MeanMetric() for p in self.widths})
@@ -61,8 +67,9 @@ class NestedMaskGITModule(L.LightningModule):
         return max(0.0, 1.0 - step / max(1, self.hparams.alpha_decay_steps))
 
     def _mask(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masked inputs ``[B, N]`` and the mask ``[B, N]`` (True = masked)."""
-        mask = random_training_mask(*tokens.shape, self.hparams.mask_schedule, generator, tokens.device)
+        """Masked inputs ``[B, N]`` and the mask ``[B, N]`` (True = masked; never a given token)."""
+        maskable = self.task.maskable(tokens.shape[1], tokens.device)
+        mask = random_training_mask(*tokens.shape, self.hparams.mask_schedule, generator, tokens.device, maskable)
         return tokens.masked_fill(mask, self.model.cfg.mask_id), mask
 
     def width_losses(
@@ -98,6 +105,7 @@ class NestedMaskGITModule(L.LightningModule):
         tokens, labels = batch
         generator = self.step_generator(tokens.device)
         inputs, mask = self._mask(tokens, generator)
+        labels = self.task.model_labels(labels, self.model.cfg.null_class)
         drop = torch.rand(labels.shape, generator=generator, device=labels.device) < self.hparams.label_dropout
         labels = labels.masked_fill(drop, self.model.cfg.null_class)
         alpha = self.alpha()
@@ -122,6 +130,7 @@ class NestedMaskGITModule(L.LightningModule):
         tokens, labels = batch
         generator = torch.Generator(device=tokens.device).manual_seed(batch_idx)
         inputs, mask = self._mask(tokens, generator)
+        labels = self.task.model_labels(labels, self.model.cfg.null_class)
         for p, (loss, acc) in self.width_losses(inputs, tokens, mask, labels, alpha=1.0).items():
             weight = int(mask.sum())
             self.val_loss[f"p{p}"].update(loss, weight)
@@ -148,11 +157,14 @@ class NestedMaskGITModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def load_maskgit(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> tuple[NestedTransformer, dict[str, Any]]:
-    """The nested transformer of a :class:`NestedMaskGITModule` checkpoint (eval mode) and the run config saved with it."""
+def load_maskgit(
+    checkpoint: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[NestedTransformer, Task, dict[str, Any]]:
+    """The nested transformer of a :class:`NestedMaskGITModule` checkpoint (eval mode), its task and its saved run config."""
     ckpt = read_checkpoint(checkpoint, "nested MaskGIT", map_location)
     try:
         model = NestedTransformer(TransformerConfig(**ckpt["hyper_parameters"]["model"]))
+        task = task_of_hparams(ckpt["hyper_parameters"])
     except TypeError as err:
         raise ValueError(f"{checkpoint} is not a nested MaskGIT checkpoint: its model config does not fit ({err})") from err
-    return load_model_weights(model, ckpt, checkpoint), ckpt.get("config", {})
+    return load_model_weights(model, ckpt, checkpoint), task, ckpt.get("config", {})

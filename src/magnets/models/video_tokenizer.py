@@ -114,7 +114,14 @@ class CausalTokenizerConfig:
     def grid(self) -> tuple[int, int, int]:
         """Token grid ``(t, h, w)`` of one clip."""
         side = self.image_size // self.spatial_downsample
-        return (1 + (self.frames - 1) // self.temporal_downsample, side, side)
+        return (self.latent_frames_of(self.frames), side, side)
+
+    def latent_frames_of(self, frames: int) -> int:
+        """Latent frames that exactly the first ``frames`` frames determine: ``1 + c`` for ``1 + f_t * c`` frames."""
+        f_t = self.temporal_downsample
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or (frames - 1) % f_t:
+            raise ValueError(f"1 + {f_t} * c frames (the first frame alone, then whole groups of {f_t}), e.g. {1 + f_t}")
+        return 1 + (frames - 1) // f_t
 
 
 class CausalConv3d(nn.Module):
