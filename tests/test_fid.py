@@ -13,13 +13,12 @@ from torch import nn
 from magnets.data import fashion_mnist
 from magnets.data.images import FashionMNISTDataModule
 from magnets.metrics.classifier import ClassifierCheckpointError, fit_classifier, load_classifier
+from magnets.metrics.extractors import EXTRACTORS, build_extractor
 from magnets.metrics.fid import (
-    EXTRACTORS,
     FeatureAccumulator,
     FeatureExtractor,
     FeatureStats,
     StatsFileError,
-    build_extractor,
     feature_stats,
     fid,
     fid_metric,
@@ -29,6 +28,7 @@ from magnets.metrics.fid import (
 )
 
 TINY_ARCH = {"channels": [8, 8, 16, 16], "stem_width": 8}
+GEOMETRY = "1x32x32"  # of image_batches' images: the shape part of their statistics' cache key
 
 
 def has_fid_helper() -> bool:
@@ -149,26 +149,27 @@ def test_reference_stats_are_cached_and_keyed(tmp_path: Path) -> None:
     extractor = PooledPixels()
     first = reference_stats(image_batches(40, seed=0), "fake", "test", extractor, tmp_path, progress=False)
     calls = extractor.calls
-    assert calls > 0 and stats_cache_path(tmp_path, "fake", "test", extractor).is_file()
+    assert calls > 0 and stats_cache_path(tmp_path, "fake", "test", extractor, GEOMETRY).is_file()
 
     again = reference_stats(image_batches(40, seed=0), "fake", "test", extractor, tmp_path, progress=False)
     assert extractor.calls == calls, "a cached split must be loaded, not recomputed"
     assert torch.equal(again.mean, first.mean) and torch.equal(again.cov, first.cov) and again.count == first.count
 
-    other_split = stats_cache_path(tmp_path, "fake", "train", extractor)
-    other_weights = stats_cache_path(tmp_path, "fake", "test", PooledPixels(weights_id="1" * 64))
-    other_extractor = stats_cache_path(tmp_path, "fake", "test", PooledPixels(name="other"))
-    assert len({stats_cache_path(tmp_path, "fake", "test", extractor), other_split, other_weights, other_extractor}) == 4
+    other_split = stats_cache_path(tmp_path, "fake", "train", extractor, GEOMETRY)
+    other_weights = stats_cache_path(tmp_path, "fake", "test", PooledPixels(weights_id="1" * 64), GEOMETRY)
+    other_extractor = stats_cache_path(tmp_path, "fake", "test", PooledPixels(name="other"), GEOMETRY)
+    this = stats_cache_path(tmp_path, "fake", "test", extractor, GEOMETRY)
+    assert len({this, other_split, other_weights, other_extractor}) == 4
     reference_stats(image_batches(40, seed=1), "fake", "train", extractor, tmp_path, progress=False)
     assert extractor.calls > calls
 
     with pytest.raises(ValueError, match="cannot name a cache file"):
-        stats_cache_path(tmp_path, "fake", "../test", extractor)
+        stats_cache_path(tmp_path, "fake", "../test", extractor, GEOMETRY)
 
 
 def test_corrupt_or_mismatched_cache_is_reported_and_recomputed(tmp_path: Path) -> None:
     extractor = PooledPixels()
-    path = stats_cache_path(tmp_path, "fake", "test", extractor)
+    path = stats_cache_path(tmp_path, "fake", "test", extractor, GEOMETRY)
     path.write_bytes(b"not an npz file")
     with pytest.raises(StatsFileError, match="not a readable feature statistics file"):
         FeatureStats.load(path)
@@ -178,7 +179,7 @@ def test_corrupt_or_mismatched_cache_is_reported_and_recomputed(tmp_path: Path) 
 
     # Statistics of another split under this split's name are refused too.
     reference_stats(image_batches(40, seed=1), "fake", "train", extractor, tmp_path, progress=False)
-    stats_cache_path(tmp_path, "fake", "train", extractor).replace(path)
+    stats_cache_path(tmp_path, "fake", "train", extractor, GEOMETRY).replace(path)
     with pytest.warns(UserWarning, match="'split': 'train'"):
         reference_stats(image_batches(40, seed=0), "fake", "test", extractor, tmp_path, progress=False)
     assert FeatureStats.load(path).meta["split"] == "test"

@@ -1,20 +1,29 @@
-"""A small Fashion-MNIST classifier: the fast domain feature network for FID and class accuracy on CPU.
+"""Small domain classifiers of images or clips: the fast feature networks for FID / FVD and class accuracy on CPU.
 
-It is a timm model (by default a ``resnet10t`` slimmed to 32-256 channels,
-1.2M parameters) trained by :func:`fit_classifier` on the project's
-Fashion-MNIST datamodule, so it sees images exactly as the generative model
-does: float ``[0, 1]``, one channel, centre-padded to ``image_size``. Its
-penultimate layer (global-pooled features) feeds FID; its logits give the
-class accuracy of generated samples.
+:func:`fit_classifier` trains one on a media datamodule's train split, so it
+sees items exactly as the generative model does (float ``[0, 1]``, the
+datamodule's channels and size):
+
+- images ``[C, H, W]``: a timm model, by default a ``resnet10t`` slimmed to
+  32-256 channels (1.2M parameters);
+- clips ``[C, T, H, W]``: the project's :class:`VideoCNN3d` (arch
+  ``video_cnn3d``), four Conv3d + BatchNorm + ReLU stages of 32-256 channels
+  (1.2M parameters).
+
+Its penultimate layer (global-pooled features) feeds FID / FVD-domain; its
+logits give the class accuracy of generated samples.
 
 A checkpoint is one ``torch.save`` file holding the state dict, the
-architecture (timm name and keyword arguments), the input size and channel
-count, and the test accuracy; it is written atomically and checked on load.
+architecture (name and keyword arguments), the input size, channel count and
+(clips) frame count, and the test accuracy; it is written atomically and
+checked on load. Checkpoints written before clips were supported have no
+``frames`` and load as image classifiers.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +43,8 @@ CHECKPOINT_FORMAT = "magnets.classifier.v1"
 DEFAULT_ARCH = "resnet10t"
 # 32-256 channels instead of 64-512: 1.2M parameters, ~40 s per Fashion-MNIST epoch on one CPU thread.
 DEFAULT_ARCH_KWARGS: dict[str, Any] = {"channels": [32, 64, 128, 256], "stem_width": 16}
+DEFAULT_VIDEO_ARCH = "video_cnn3d"
+DEFAULT_VIDEO_ARCH_KWARGS: dict[str, Any] = {"channels": [32, 64, 128, 256]}
 _REQUIRED_KEYS = ("format", "arch", "arch_kwargs", "image_size", "in_chans", "num_classes", "test_accuracy", "state_dict")
 
 
@@ -52,17 +63,63 @@ class Classifier:
     num_classes: int
     test_accuracy: float
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    frames: int | None = None  # clips [C, frames, H, W]; None: images
+
+    @property
+    def media_kind(self) -> str:
+        return "image" if self.frames is None else "video"
+
+
+class VideoCNN3d(nn.Module):
+    """Clips float ``[B, C, T, H, W]`` -> class scores: Conv3d + BatchNorm + ReLU stages, global average pool, linear head.
+
+    The first stage halves space only (motion between neighbouring frames is
+    the signal), the others halve time and space; on a 17x32x32 clip the
+    stages see 17x16x16, 9x8x8, 5x4x4 and 3x2x2. It has timm's classifier
+    interface (``num_features``, ``forward_features``, ``forward_head``), so
+    feature extraction treats it like the image classifiers.
+    """
+
+    def __init__(self, in_chans: int, num_classes: int, channels: Sequence[int] = (32, 64, 128, 256)) -> None:
+        super().__init__()
+        if len(channels) < 1 or any(c < 1 for c in channels):
+            raise ValueError(f"channels must be a non-empty list of positive widths, got {list(channels)}")
+        stages: list[nn.Module] = []
+        width = in_chans
+        for index, out in enumerate(channels):
+            stride = (1, 2, 2) if index == 0 else (2, 2, 2)
+            stages += [nn.Conv3d(width, out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm3d(out), nn.ReLU(inplace=True)]
+            width = out
+        self.stages = nn.Sequential(*stages)
+        self.num_features = width
+        self.head = nn.Linear(width, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(x)  # [B, C, T, H, W] -> [B, F, T', H', W']
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        pooled = x.mean(dim=(2, 3, 4))  # [B, F, T', H', W'] -> [B, F]
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# arch name -> the project's own classifiers of clips; any other arch is a timm model of images.
+VIDEO_ARCHS: dict[str, Callable[..., nn.Module]] = {"video_cnn3d": VideoCNN3d}
 
 
 def build_model(arch: str, arch_kwargs: dict[str, Any], in_chans: int, num_classes: int) -> nn.Module:
-    """An untrained timm classifier (``arch`` must be a timm model name)."""
+    """An untrained classifier: one of :data:`VIDEO_ARCHS` (clips) or a timm model name (images)."""
+    if arch in VIDEO_ARCHS:
+        return VIDEO_ARCHS[arch](in_chans=in_chans, num_classes=num_classes, **arch_kwargs)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in arch_kwargs.items()}  # timm wants tuples
     return timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=num_classes, **kwargs)
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, loader: DataLoader) -> float:
-    """Top-1 accuracy of ``model`` over ``(uint8 images, labels)`` batches."""
+    """Top-1 accuracy of ``model`` over ``(uint8 images or clips, labels)`` batches."""
     was_training = model.training
     model.eval()
     correct = total = 0
@@ -73,10 +130,17 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
     return correct / max(total, 1)
 
 
+def check_media_item(x: torch.Tensor) -> tuple[int | None, int, int]:
+    """``(frames or None, channels, side)`` of a square image ``[C, H, W]`` or clip ``[C, T, H, W]``."""
+    if x.ndim not in (3, 4) or x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"the classifier takes square images [C, H, W] or clips [C, T, H, W]; got {list(x.shape)}")
+    return (int(x.shape[1]) if x.ndim == 4 else None), int(x.shape[0]), int(x.shape[-1])
+
+
 def fit_classifier(
     datamodule: MediaDataModule,
     out_path: str | Path,
-    arch: str = DEFAULT_ARCH,
+    arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     num_classes: int = 10,
     epochs: int = 4,
@@ -88,20 +152,30 @@ def fit_classifier(
 ) -> Classifier:
     """Train a classifier on ``datamodule``'s train split, test it on its test split, save it to ``out_path``.
 
-    AdamW with one-cycle learning rate, random horizontal flips. Returns the
+    Images train ``arch`` (default ``resnet10t``, a timm name); clips train
+    one of :data:`VIDEO_ARCHS` (default ``video_cnn3d``). ``arch_kwargs``
+    default to the chosen default arch's. AdamW with one-cycle learning rate,
+    random horizontal flips (of every frame of a clip alike). Returns the
     trained classifier (in eval mode).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    arch_kwargs = dict(DEFAULT_ARCH_KWARGS if arch_kwargs is None else arch_kwargs)
     torch.manual_seed(seed)
     train_set, test_set = datamodule.dataset("train"), datamodule.dataset("test")
     train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True)
     test_loader = DataLoader(test_set, batch_size=batch_size)
-    first_image = train_set[0][0]  # uint8 [C, H, W]
-    if first_image.ndim != 3 or first_image.shape[-1] != first_image.shape[-2]:
-        raise ValueError(f"the classifier takes square images [C, H, W]; the datamodule gives {list(first_image.shape)}")
-    in_chans, image_size = first_image.shape[0], first_image.shape[-1]
+    frames, in_chans, image_size = check_media_item(train_set[0][0])  # uint8 [C, H, W] or [C, T, H, W]
+    if frames is None:
+        arch = DEFAULT_ARCH if arch is None else arch
+        if arch in VIDEO_ARCHS:
+            raise ValueError(f"arch {arch!r} classifies clips; the datamodule gives images: a timm name, e.g. {DEFAULT_ARCH!r}")
+        default_kwargs = DEFAULT_ARCH_KWARGS if arch == DEFAULT_ARCH else {}
+    else:
+        arch = DEFAULT_VIDEO_ARCH if arch is None else arch
+        if arch not in VIDEO_ARCHS:
+            raise ValueError(f"arch {arch!r} cannot classify clips [C, T, H, W]; valid: {sorted(VIDEO_ARCHS)}")
+        default_kwargs = DEFAULT_VIDEO_ARCH_KWARGS if arch == DEFAULT_VIDEO_ARCH else {}
+    arch_kwargs = dict(default_kwargs if arch_kwargs is None else arch_kwargs)
     model = build_model(arch, arch_kwargs, in_chans, num_classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     total_steps = epochs * len(train_loader)
@@ -117,9 +191,10 @@ def fit_classifier(
                 top_label = int(labels.max())
                 if top_label >= num_classes:
                     raise ValueError(f"the train split has label {top_label}, which num_classes={num_classes} does not cover")
-                images = to_unit_float(images)
+                images = to_unit_float(images)  # [B, C, H, W] or [B, C, T, H, W]
                 flip = torch.rand(len(images)) < 0.5
-                images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+                flip = flip.view(-1, *[1] * (images.ndim - 1))  # [B] -> [B, 1, 1, 1(, 1)]
+                images = torch.where(flip, images.flip(-1), images)
                 loss = F.cross_entropy(model(images), labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -132,7 +207,7 @@ def fit_classifier(
     if progress:
         tqdm.write(f"classifier {arch}: test accuracy {test_accuracy:.4f} after {time.perf_counter() - start:.0f} s")
 
-    classifier = Classifier(model, arch, image_size, in_chans, num_classes, test_accuracy, arch_kwargs)
+    classifier = Classifier(model, arch, image_size, in_chans, num_classes, test_accuracy, arch_kwargs, frames)
     save_classifier(classifier, out_path)
     return classifier
 
@@ -145,6 +220,7 @@ def save_classifier(classifier: Classifier, path: str | Path) -> None:
         "arch_kwargs": classifier.arch_kwargs,
         "image_size": classifier.image_size,
         "in_chans": classifier.in_chans,
+        "frames": classifier.frames,
         "num_classes": classifier.num_classes,
         "test_accuracy": classifier.test_accuracy,
         "state_dict": classifier.model.state_dict(),
@@ -169,10 +245,14 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     missing = [key for key in _REQUIRED_KEYS if key not in payload]
     if missing:
         raise ClassifierCheckpointError(f"{path}: classifier checkpoint lacks {missing}")
-    model = build_model(payload["arch"], payload["arch_kwargs"], payload["in_chans"], payload["num_classes"])
+    frames = payload.get("frames")  # absent in checkpoints from before clips: an image classifier
+    if (frames is None) == (payload["arch"] in VIDEO_ARCHS):
+        kind = "images" if frames is None else f"clips of {frames} frames"
+        raise ClassifierCheckpointError(f"{path}: architecture {payload['arch']!r} does not classify {kind}, which the file says")
     try:
+        model = build_model(payload["arch"], payload["arch_kwargs"], payload["in_chans"], payload["num_classes"])
         model.load_state_dict(payload["state_dict"])
-    except RuntimeError as err:
+    except (RuntimeError, TypeError, ValueError) as err:
         raise ClassifierCheckpointError(
             f"{path}: weights do not match architecture {payload['arch']} {payload['arch_kwargs']}: {err}"
         ) from err
@@ -185,4 +265,5 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
         int(payload["num_classes"]),
         float(payload["test_accuracy"]),
         dict(payload["arch_kwargs"]),
+        None if frames is None else int(frames),
     )

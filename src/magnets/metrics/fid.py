@@ -1,12 +1,16 @@
-"""Fréchet distance between feature distributions (FID), with pluggable feature extractors.
+"""Fréchet distance between feature distributions (FID, and FVD on clip features), with pluggable feature extractors.
 
-- :func:`frechet_distance` is the one home of the formula (float64).
+- :func:`frechet_distance` is the one home of the formula (float64); FVD
+  (:mod:`magnets.metrics.fvd`) is the same formula on video features.
 - :class:`FeatureStats` (mean, covariance, count) is accumulated in float64
   over batches by :class:`FeatureAccumulator` and saved as ``.npz`` atomically.
-- A feature extractor is an ``nn.Module`` taking images float ``[B, C, H, W]``
-  in ``[0, 1]`` (``C`` = 1 or 3, any size) and returning features ``[B, F]``;
-  each converts channels and resizes as its network expects. They are
-  registered in :data:`EXTRACTORS` and built by :func:`build_extractor`:
+- A feature extractor (:class:`FeatureExtractor`) is an ``nn.Module`` taking
+  images float ``[B, C, H, W]`` (or, where ``media_kind`` is ``video``, clips
+  ``[B, C, T, H, W]``) in ``[0, 1]`` (``C`` = 1 or 3, any size) and
+  returning features ``[B, F]``; each converts channels and resizes as its
+  network expects. They are registered in
+  :data:`magnets.metrics.extractors.EXTRACTORS` and built by its
+  ``build_extractor``; the image ones live here:
 
   ``inception_offline`` (default)
       The standard FID Inception-v3 (TensorFlow 2015-12-05 weights, 2048-d
@@ -23,10 +27,11 @@
       training; its logits also give the class accuracy of samples.
 
 - :func:`reference_stats` computes a real split's statistics once and caches
-  them, keyed by dataset, split, extractor and the sha256 of its weights.
+  them, keyed by dataset, split, the items' geometry (channels, frames,
+  resolution: :func:`media_geometry`), extractor and the sha256 of its weights.
 - :func:`fid_metric` is torchmetrics' ``FrechetInceptionDistance`` over an
   extractor with the reference statistics preloaded, so that validation feeds
-  only generated images.
+  only generated images (or clips).
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ import re
 import urllib.error
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -51,7 +57,7 @@ from tqdm import tqdm
 
 from magnets.data.base import to_unit_float
 from magnets.files import atomic_write, file_sha256
-from magnets.metrics.classifier import load_classifier
+from magnets.metrics.classifier import ClassifierCheckpointError, load_classifier
 
 DEFAULT_EXTRACTOR = "inception_offline"
 INCEPTION_SIZE = 299
@@ -192,7 +198,14 @@ class FeatureExtractor(nn.Module):
     Its weights come from their own file, so they stay out of state dicts:
     a checkpoint of a LightningModule holding an FID metric does not carry
     them, and loading one keeps the weights the extractor has.
+
+    ``media_kind`` says what it takes (``image`` here; video extractors,
+    :mod:`magnets.metrics.fvd`, take clips ``[B, C, T, H, W]``) and
+    ``metric_label`` how a Fréchet distance in its features is reported.
     """
+
+    media_kind: ClassVar[str] = "image"
+    metric_label: ClassVar[str] = "FID"
 
     def __init__(self, name: str, num_features: int, weights_id: str) -> None:
         super().__init__()
@@ -331,15 +344,23 @@ class FidelityInception(FeatureExtractor):
 
 
 class ClassifierFeatures(FeatureExtractor):
-    """Penultimate-layer features of a classifier trained by :func:`magnets.metrics.classifier.fit_classifier`.
+    """Penultimate-layer features of an image classifier trained by :func:`magnets.metrics.classifier.fit_classifier`.
 
     Images are converted to the classifier's channel count (RGB averaged to
     gray, gray replicated to RGB) and resized bilinearly to its input size
-    when they differ from it. :meth:`logits` gives the class scores.
+    when they differ from it. :meth:`logits` gives the class scores. A
+    Fréchet distance in these features is FID-domain: comparable between runs
+    on one dataset, not to published FID.
     """
+
+    metric_label: ClassVar[str] = "FID-domain (not comparable to published FID)"
 
     def __init__(self, path: str | Path, name: str = "fmnist_classifier") -> None:
         classifier = load_classifier(path)
+        if classifier.frames is not None:
+            raise ClassifierCheckpointError(
+                f"{path}: classifies clips of {classifier.frames} frames, not images: use the 'video_classifier' extractor"
+            )
         super().__init__(name, classifier.model.num_features, file_sha256(path))
         self.model = classifier.model
         self.image_size = classifier.image_size
@@ -362,59 +383,76 @@ class ClassifierFeatures(FeatureExtractor):
         return self.model(self.prepare(images))
 
 
-EXTRACTORS: dict[str, Callable[..., FeatureExtractor]] = {
-    "inception_offline": OfflineInception,
-    "inception_fidelity": FidelityInception,
-    "fmnist_classifier": ClassifierFeatures,
-}
+def batch_media(batch: torch.Tensor | tuple | list) -> torch.Tensor:
+    """The media of a batch: ``batch`` itself, or its first element for ``(media, labels)`` batches."""
+    return batch[0] if isinstance(batch, tuple | list) else batch
 
 
-def build_extractor(name: str = DEFAULT_EXTRACTOR, **kwargs) -> FeatureExtractor:
-    """The feature extractor registered as ``name`` (``fmnist_classifier`` needs ``path=`` its checkpoint)."""
-    if name not in EXTRACTORS:
-        raise ValueError(f"unknown feature extractor {name!r}; valid: {sorted(EXTRACTORS)}")
-    return EXTRACTORS[name](**kwargs)
+def media_geometry(media: torch.Tensor) -> str:
+    """What one item of a batch is, for cache keys: ``<C>x<H>x<W>`` (images ``[B, C, H, W]``), ``<C>x<T>x<H>x<W>`` (clips)."""
+    if media.ndim not in (4, 5):
+        raise ValueError(f"expected images [B, C, H, W] or clips [B, C, T, H, W], got shape {list(media.shape)}")
+    return "x".join(str(d) for d in media.shape[1:])
 
 
 @torch.no_grad()
-def feature_stats(batches: Iterable, extractor: FeatureExtractor, desc: str = "features", progress: bool = True) -> FeatureStats:
-    """Statistics of ``extractor``'s features over image batches ``[B, C, H, W]`` (or ``(images, labels)`` batches).
+def feature_stats(
+    batches: Iterable, extractor: FeatureExtractor, desc: str = "features", progress: bool = True, total: int | None = None
+) -> FeatureStats:
+    """Statistics of ``extractor``'s features over batches of images ``[B, C, H, W]`` or clips ``[B, C, T, H, W]``.
 
-    Float images are in ``[0, 1]``; uint8 ones (a media datamodule's) are converted.
+    Batches may be ``(media, labels)``. Float media are in ``[0, 1]``; uint8
+    ones (a media datamodule's) are converted. ``total`` (the item count, for
+    the progress bar) defaults to a DataLoader's dataset length.
     """
-    total = len(batches.dataset) if isinstance(batches, DataLoader) else None  # type: ignore[arg-type]
+    if total is None and isinstance(batches, DataLoader):
+        total = len(batches.dataset)  # type: ignore[arg-type]
     accumulator = FeatureAccumulator()
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress, mininterval=2.0) as bar:
+    with tqdm(total=total, desc=desc, unit="item", disable=not progress, mininterval=2.0) as bar:
         for batch in batches:
-            images = batch[0] if isinstance(batch, tuple | list) else batch
-            if images.dtype == torch.uint8:
-                images = to_unit_float(images)
-            accumulator.update(extractor(images.to(extractor.device)))
-            bar.update(len(images))
+            media = batch_media(batch)
+            if media.dtype == torch.uint8:
+                media = to_unit_float(media)
+            accumulator.update(extractor(media.to(extractor.device)))
+            bar.update(len(media))
     return accumulator.stats()
 
 
-def stats_cache_path(cache_dir: str | Path, dataset: str, split: str, extractor: FeatureExtractor) -> Path:
-    """``cache_dir/<dataset>__<split>__<extractor>__<weights sha256 prefix>.npz``."""
-    for label, value in (("dataset", dataset), ("split", split)):
+def stats_cache_path(cache_dir: str | Path, dataset: str, split: str, extractor: FeatureExtractor, geometry: str) -> Path:
+    """``cache_dir/<dataset>__<split>__<geometry>__<extractor>__<weights sha256 prefix>.npz``.
+
+    ``geometry`` is :func:`media_geometry` of the items, e.g. ``1x17x32x32``
+    (channels, frames, height, width of a clip) or ``1x32x32`` (an image).
+    """
+    for label, value in (("dataset", dataset), ("split", split), ("geometry", geometry)):
         if not _SAFE_KEY.fullmatch(value):
             raise ValueError(f"{label} {value!r} cannot name a cache file: use only letters, digits, '.', '_' and '-'")
-    return Path(cache_dir) / f"{dataset}__{split}__{extractor.name}__{extractor.weights_id[:16]}.npz"
+    return Path(cache_dir) / f"{dataset}__{split}__{geometry}__{extractor.name}__{extractor.weights_id[:16]}.npz"
 
 
 def reference_stats(
-    images: Iterable, dataset: str, split: str, extractor: FeatureExtractor, cache_dir: str | Path, progress: bool = True
+    items: Iterable, dataset: str, split: str, extractor: FeatureExtractor, cache_dir: str | Path, progress: bool = True
 ) -> FeatureStats:
-    """Feature statistics of a real split, computed once and cached on disk.
+    """Feature statistics of a real split (batches of images or clips), computed once and cached on disk.
 
-    ``dataset`` and ``split`` must name the images exactly (include the
-    resolution or a subset size in them when those vary, e.g. ``fmnist32``,
-    ``test-1000``): they and the extractor's name and weights are the cache
-    key. ``images`` is iterated only when there is no valid cache file; an
-    unreadable or mismatched one is reported and recomputed.
+    The cache key is ``dataset``, ``split``, the items' geometry (channels,
+    frames, resolution: read from the first batch, so another resolution or
+    clip length never reuses a file), the extractor's name and its weights'
+    sha256. ``dataset`` and ``split`` must name the items exactly otherwise
+    (include a subset size, a frame stride or a fold when those vary, e.g.
+    ``test-1000``). Only the first batch is read when there is a valid cache
+    file; an unreadable or mismatched one is reported and recomputed.
     """
-    path = stats_cache_path(cache_dir, dataset, split, extractor)
-    meta = {"dataset": dataset, "split": split, "extractor": extractor.name, "weights_id": extractor.weights_id}
+    total = len(items.dataset) if isinstance(items, DataLoader) else None  # type: ignore[arg-type]
+    batches = iter(items)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError(f"no batches of {dataset}/{split} to compute reference statistics from")
+    geometry = media_geometry(batch_media(first))
+    path = stats_cache_path(cache_dir, dataset, split, extractor, geometry)
+    meta = {
+        "dataset": dataset, "split": split, "geometry": geometry, "extractor": extractor.name, "weights_id": extractor.weights_id
+    }  # fmt: skip
     if path.is_file():
         try:
             cached = FeatureStats.load(path)
@@ -423,7 +461,8 @@ def reference_stats(
             return cached
         except StatsFileError as err:
             warnings.warn(f"ignoring the cached reference statistics: {err}; recomputing them", stacklevel=2)
-    stats = feature_stats(images, extractor, desc=f"reference {dataset}/{split} ({extractor.name})", progress=progress)
+    desc = f"reference {dataset}/{split} {geometry} ({extractor.name})"
+    stats = feature_stats(itertools.chain([first], batches), extractor, desc=desc, progress=progress, total=total)
     stats = FeatureStats(stats.mean, stats.cov, stats.count, meta)
     stats.save(path)
     return stats
@@ -450,10 +489,11 @@ def load_reference(metric: FrechetInceptionDistance, reference: FeatureStats, ra
 
 
 def fid_metric(extractor: FeatureExtractor, reference: FeatureStats | None = None, rank: int = 0) -> FrechetInceptionDistance:
-    """torchmetrics FID over ``extractor`` (float ``[0, 1]`` images); with ``reference``, its real side is preloaded and kept.
+    """torchmetrics FID over ``extractor`` (float ``[0, 1]`` images, or clips for a video extractor: then it is FVD).
 
-    With a reference, feed only generated images: ``metric.update(images, real=False)``;
-    ``reset()`` clears them and keeps the reference.
+    With ``reference``, its real side is preloaded and kept: feed only
+    generated items, ``metric.update(items, real=False)``; ``reset()`` clears
+    them and keeps the reference.
     """
     metric = FrechetInceptionDistance(feature=extractor, normalize=True, reset_real_features=reference is None)
     if reference is not None:
