@@ -23,7 +23,13 @@ def test_experiment_group_is_the_experiments_folder():
 
 
 # Groups outside the training config's defaults: the primary config they belong to, and whether they are appended (+).
-OTHER_PRIMARY = {"schedule": ("evaluate", ""), "ablation": ("config", "+"), "sweep": ("evaluate", "+")}
+OTHER_PRIMARY = {
+    "schedule": ("evaluate", ""),
+    "extractor": ("evaluate", ""),
+    "geometry": ("bench", ""),
+    "ablation": ("config", "+"),
+    "sweep": ("evaluate", "+"),
+}
 TRAINING_SWEEPS = {"distill"}  # conf/sweep/ presets of `make sweep-train`
 
 
@@ -37,7 +43,7 @@ def test_every_group_option_composes(group, option, tmp_path):
     primary, prefix = OTHER_PRIMARY.get(group, ("config", ""))
     if group == "sweep" and option in TRAINING_SWEEPS:
         primary = "config"
-    overrides = [f"{prefix}{group}={option}", f"paths.runs={tmp_path}"]
+    overrides = [f"{prefix}{group}={option}"] + ([f"paths.runs={tmp_path}"] if primary != "bench" else [])
     if primary == "config":
         overrides.append(f"run_dir={tmp_path}/run")
     cfg = compose_primary(primary, overrides)
@@ -51,6 +57,10 @@ def test_every_group_option_composes(group, option, tmp_path):
         assert load_schedule(option).total_steps in (8, 12, 16)
     if group == "sweep":
         assert cfg.hydra.mode == RunMode.MULTIRUN and cfg.hydra.sweeper.params
+        if primary == "evaluate":  # sample quality in the run's own classifier's features, images or clips
+            assert cfg.extractor.name == "domain"
+    if group == "extractor":
+        assert cfg.extractor.name == option and "path" in cfg.extractor
     if group == "ablation":
         assert cfg.distill.mode == ("progressive" if option == "progressive" else "none")
         assert list(cfg.model.widths) == ([1] if option == "single" else [8, 4, 2, 1])

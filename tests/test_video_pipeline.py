@@ -21,7 +21,7 @@ from magnets.pipeline import train
 
 
 def video_cfg(fake_fmnist, tmp_path, *extra: str):
-    """``experiment=moving_fmnist`` with one clip per group, a tiny tokenizer and two training steps."""
+    """``experiment=moving_fmnist`` up to its token shards, with one clip per group and a tiny tokenizer trained two steps."""
     return compose_config(
         [
             "experiment=moving_fmnist",
@@ -42,6 +42,7 @@ def video_cfg(fake_fmnist, tmp_path, *extra: str):
             "tokenizer.checkpoint_every=1",
             "tokenize.batch_size=16",
             "progress_refresh_rate=0",
+            "stages=[tokenizer,tokenize]",
             *extra,
         ]
     )
@@ -51,7 +52,7 @@ def test_moving_fmnist_clips_to_token_shards(fake_fmnist, tmp_path):
     cfg = video_cfg(fake_fmnist, tmp_path)
     check_train_config(cfg)
     out = train(cfg)
-    assert "maskgit" not in out  # stages: [tokenizer, tokenize]
+    assert "maskgit" not in out  # stages=[tokenizer,tokenize]
     shards = {}
     for split, count in (("train", 2 * 170), ("val", 10), ("test", 70)):  # train with mirrored copies
         tokens, labels, meta = open_shard(out["shards"][split], codebook_size=32, grid=[5, 8, 8])

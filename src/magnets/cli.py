@@ -23,13 +23,14 @@ from magnets.data.base import DATAMODULES, SPLITS
 from magnets.errors import ConfigError, UserError
 from magnets.lit.maskgit import DISTILL_MODES
 from magnets.masking import MASK_SCHEDULES
-from magnets.metrics.fid import EXTRACTORS
+from magnets.metrics.extractors import EXTRACTORS
 from magnets.models.kv_cache import CACHE_MODES
 from magnets.models.tokenizer import TOKENIZER_KINDS, tokenizer_config
 from magnets.models.transformer import MODEL_SIZES
 from magnets.pipeline import LOGGERS
 from magnets.runs import resume_checkpoint
 from magnets.sampling import GUIDANCE_RAMPS, load_schedule, shipped_schedules
+from magnets.task import build_task
 
 T = TypeVar("T")
 
@@ -123,6 +124,13 @@ def check_stages(stages: Iterable[str]) -> None:
         raise ConfigError("stages", stages, " or ".join(map(str, allowed)))
 
 
+def check_task(cfg: DictConfig) -> None:
+    """The ``task`` group fits the tokenizer (frame prediction needs clips and whole latent frames) and the model."""
+    task = build_task(cfg.task, cfg.tokenizer.kind, OmegaConf.to_container(cfg.tokenizer.model, resolve=True))
+    if task.use_class and task.name == "frame_pred" and cfg.data.num_classes < 2:
+        raise ConfigError("task.use_class", True, f"false: {cfg.data.name} has no classes to condition on")
+
+
 def check_tokenizer_fits_data(cfg: DictConfig) -> None:
     """The tokenizer's input (size, frames, channels) is what the datamodule serves: found here, not mid-training."""
     pairs = (("image_size", "image_size"), ("frames", "frames"), ("in_channels", "channels"))
@@ -163,6 +171,7 @@ def check_train_config(cfg: DictConfig) -> None:
 
     check_data(cfg.data)
     check_tokenizer(cfg.tokenizer)
+    check_task(cfg)
     check_model(cfg.model)
     check_choice("distill.mode", cfg.distill.mode, DISTILL_MODES)
     check_choice("logger.kind", cfg.logger.kind, LOGGERS)
@@ -207,7 +216,9 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     check_decode_entry(cfg)
     check_positive_int("samples", cfg.samples)
     if cfg.samples < 2:
-        raise ConfigError("samples", cfg.samples, "at least 2 (FID needs a covariance)")
+        raise ConfigError("samples", cfg.samples, "at least 2 (FID/FVD need a covariance)")
     check_positive_int("reference.count", cfg.reference.count)
-    check_choice("extractor", cfg.extractor, sorted(EXTRACTORS))
+    check_choice("extractor.name", cfg.extractor.name, ["domain", *sorted(EXTRACTORS)])
+    if cfg.extractor.name == "i3d_torchscript" and not cfg.extractor.path:
+        raise ConfigError("extractor.path", None, "the I3D TorchScript file i3d_torchscript.pt (StyleGAN-V's FVD detector)")
     check_choice("reference.split", cfg.reference.split, SPLITS)

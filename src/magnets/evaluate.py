@@ -1,16 +1,20 @@
-"""Evaluate one decode configuration of a checkpoint: FID, class accuracy, GFLOPs; one row appended to a results CSV.
+"""Evaluate one decode configuration of a checkpoint: FID or FVD, class accuracy, GFLOPs; one row appended to a results CSV.
 
     python -m magnets.evaluate [name=fmnist] [checkpoint=last] [schedule=magnets_3333] [decode.cache=...]
-        [decode.guidance_scale=...] [samples=2000] [extractor=inception_offline]
+        [decode.guidance_scale=...] [samples=2000] [extractor=inception_offline | domain | i3d_torchscript extractor.path=FILE]
     make sweep EXP=fmnist SWEEP=schedules|cache|guidance        (Hydra multirun over conf/sweep/<SWEEP>.yaml)
 
-The real side of FID is ``reference.count`` images of ``reference.split``,
-its statistics cached in ``<paths.runs>/fid_stats`` per dataset, split,
-count and extractor. Class accuracy is the project's Fashion-MNIST
-classifier's accuracy on the generated samples against the labels they were
-asked for (``make classifier`` trains it). The row goes to ``results``
-(default ``<paths.runs>/<name>/results.csv``); appends hold a file lock, so
-parallel multirun jobs can share the file.
+The real side of the Fréchet distance is ``reference.count`` items of
+``reference.split``, its statistics cached in ``<paths.runs>/fid_stats`` per
+dataset, frames and resolution, split, count, extractor and weights. Images
+give FID, clips FVD; with the ``domain`` extractor (the run's own classifier)
+they are FID-domain / FVD-domain, comparable between rows of one experiment
+but not to published numbers. Class accuracy is the run's classifier's
+accuracy on the samples against the classes asked for (under frame
+prediction, the real clips' classes; the clips come from the reference
+split's token shard). The row goes to ``results`` (default
+``<paths.runs>/<name>/results.csv``); appends hold a file lock, so parallel
+multirun jobs can share the file.
 """
 
 from __future__ import annotations
@@ -32,19 +36,30 @@ from tqdm import tqdm
 
 from magnets.cli import check_evaluate_config, run_entry
 from magnets.data.base import build_datamodule
-from magnets.evaluation import balanced_labels, generate_images, measure_samples
+from magnets.data.shards import TokenDataset
+from magnets.errors import ConfigError
+from magnets.evaluation import DecodeConditions, decode_conditions, generate_samples, measure_samples
 from magnets.lit.maskgit import load_maskgit
 from magnets.lit.tokenizer import load_tokenizer
 from magnets.media import save_media
-from magnets.metrics.fid import ClassifierFeatures, FeatureExtractor, FeatureStats, build_extractor, reference_stats
-from magnets.runs import resolve_checkpoint, tokenizer_of_run
+from magnets.metrics.extractors import (
+    CLASSIFIER_EXTRACTORS,
+    build_extractor,
+    check_extractor_fits,
+    domain_classifier_features,
+    frechet_label,
+    frechet_metric_name,
+)
+from magnets.metrics.fid import FeatureExtractor, FeatureStats, reference_stats
+from magnets.runs import resolve_checkpoint, shard_dir, tokenizer_of_run
 from magnets.sampling import SamplingSettings, load_schedule
+from magnets.task import Task
 
 log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = (
-    "experiment", "checkpoint", "distill", "schedule", "widths", "steps_per_width", "cache", "guidance", "steps",
-    "samples", "extractor", "fid", "class_acc", "gflops_per_sample", "seconds", "git_commit", "grid",
+    "experiment", "checkpoint", "distill", "task", "schedule", "widths", "steps_per_width", "cache", "guidance", "steps",
+    "samples", "extractor", "fid", "fvd", "class_acc", "gflops_per_sample", "seconds", "git_commit", "grid",
 )  # fmt: skip
 
 
@@ -85,14 +100,38 @@ def git_commit() -> str:
     return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def build_feature_extractor(name: str, classifier_path: str | Path, device: torch.device) -> FeatureExtractor:
-    """The FID extractor ``name``; ``fmnist_classifier`` is the classifier at ``classifier_path``."""
-    kwargs = {"path": classifier_path} if name == "fmnist_classifier" else {}
-    return build_extractor(name, **kwargs).to(device).eval()
+def run_classifier(run_config: dict[str, Any], cfg: DictConfig) -> Path:
+    """The domain classifier: ``cfg.classifier``, or the one the run trained (its config's ``classifier.path``)."""
+    if cfg.classifier is not None:
+        return Path(cfg.classifier)
+    path = run_config.get("classifier", {}).get("path")
+    if path is None:
+        raise ConfigError("classifier", None, "a classifier checkpoint path: the run's config names none")
+    return Path(path)
+
+
+def build_feature_extractor(name: str, path: str | None, classifier: Path, device: torch.device) -> FeatureExtractor:
+    """The extractor ``name`` with its file ``path``: ``domain`` (and the project's classifiers without a path) is the run's
+    classifier; ``i3d_torchscript`` needs ``path``; the Inceptions take an optional weights file."""
+    if name == "domain":
+        extractor = domain_classifier_features(classifier)
+    elif name in CLASSIFIER_EXTRACTORS:
+        extractor = build_extractor(name, path=path or classifier)
+    elif name == "i3d_torchscript":
+        extractor = build_extractor(name, path=path)
+    else:
+        extractor = build_extractor(name, **({} if path is None else {"weights_path": path}))
+    return extractor.to(device).eval()
+
+
+def media_key(data_cfg: dict[str, Any]) -> str:
+    """Dataset part of a reference-statistics cache key: name, frames (clips) and resolution, e.g. ``moving_fmnist_17x32``."""
+    frames = f"_{data_cfg['frames']}x" if data_cfg.get("kind") == "video" else ""
+    return f"{data_cfg['name']}{frames}{data_cfg['image_size']}"
 
 
 def real_reference(run_config: dict[str, Any], cfg: DictConfig, extractor: FeatureExtractor) -> FeatureStats:
-    """Cached feature statistics of the first ``reference.count`` images of the real ``reference.split``."""
+    """Cached feature statistics of the first ``reference.count`` items of the real ``reference.split``."""
     data_cfg = run_config["data"]
     datamodule = build_datamodule(data_cfg)
     dataset = datamodule.dataset(cfg.reference.split)
@@ -100,34 +139,47 @@ def real_reference(run_config: dict[str, Any], cfg: DictConfig, extractor: Featu
     subset = torch.utils.data.Subset(dataset, range(count))
     loader = DataLoader(subset, batch_size=cfg.batch_size)
     return reference_stats(
-        loader, f"{data_cfg['name']}{data_cfg['image_size']}", f"{cfg.reference.split}-{count}", extractor,
-        Path(cfg.paths.runs, "fid_stats"),
-    )  # fmt: skip
+        loader, media_key(data_cfg), f"{cfg.reference.split}-{count}", extractor, Path(cfg.paths.runs, "fid_stats")
+    )
+
+
+def conditions_of_run(
+    task: Task, run_config: dict[str, Any], cfg: DictConfig, num_classes: int, device: torch.device
+) -> DecodeConditions:
+    """What the samples decode from: class-balanced labels, or (frame prediction) the reference split's token shard."""
+    shard = None
+    if task.given_tokens:
+        shard = TokenDataset(shard_dir(run_config["tokenize"]["out_dir"], cfg.reference.split))
+    return decode_conditions(task, cfg.samples, num_classes, device, shard)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Decode ``cfg.samples`` class-balanced samples with the configured schedule and cache; append and return the row."""
+    """Decode ``cfg.samples`` samples with the configured schedule and cache; append and return the result row."""
     device = torch.device(cfg.device)
     checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.paths.runs, cfg.name)
-    model, run_config = load_maskgit(checkpoint, device)
+    model, task, run_config = load_maskgit(checkpoint, device)
     schedule = load_schedule(OmegaConf.to_container(cfg.schedule, resolve=True))
     width_per_step = schedule.width_per_step(model.cfg.widths)
     settings = SamplingSettings.from_config(cfg.decode)
     tokenizer_path = cfg.tokenizer_checkpoint or tokenizer_of_run(run_config, checkpoint, cfg.paths.runs)
     tokenizer = load_tokenizer(tokenizer_path, device)
-    classifier = ClassifierFeatures(cfg.classifier).to(device).eval()
-    extractor = build_feature_extractor(cfg.extractor, cfg.classifier, device)
+    classifier_path = run_classifier(run_config, cfg)
+    classifier = domain_classifier_features(classifier_path).to(device).eval()
+    extractor = build_feature_extractor(cfg.extractor.name, cfg.extractor.path, classifier_path, device)
+    check_extractor_fits(extractor, classifier)
     reference = real_reference(run_config, cfg, extractor)
+    conditions = conditions_of_run(task, run_config, cfg, model.cfg.num_classes, device)
 
-    labels = balanced_labels(cfg.samples, model.cfg.num_classes, device)
     generator = torch.Generator(device).manual_seed(cfg.seed)
-    batches = generate_images(
-        model, tokenizer, labels, width_per_step, settings, cfg.decode.cache, cfg.decode.refresh_every, cfg.batch_size, generator
-    )
+    batches = generate_samples(
+        model, tokenizer, task, conditions, width_per_step, settings, cfg.decode.cache, cfg.decode.refresh_every,
+        cfg.batch_size, generator,
+    )  # fmt: skip
     description = f"{schedule.name}/{cfg.decode.cache}/w={settings.guidance_scale:g}"
+    columns = 8 if task.given_tokens else model.cfg.num_classes
     with tqdm(total=cfg.samples, desc=description, unit="sample") as bar:
         quality = measure_samples(
-            batches, model, extractor, reference, classifier.logits, keep_images=8 * model.cfg.num_classes, progress=bar.update
+            batches, model, extractor, reference, classifier.logits, keep_images=2 * columns, progress=bar.update
         )
 
     results = Path(cfg.results)
@@ -136,12 +188,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         / "grids"
         / f"{checkpoint.parent.parent.name}_{schedule.name}_{cfg.decode.cache}_w{settings.guidance_scale:g}"
     )
-    # first_images hold labels 0, 1, ..., C-1, 0, ...: C columns make one row per round of classes.
-    grid_path = save_media(quality.first_images, grid_stem, nrow=model.cfg.num_classes)[0]
+    # Class-conditional samples hold labels 0, 1, ..., C-1, 0, ...: C columns make one row per round of classes.
+    media_files = save_media(quality.first_images, grid_stem, nrow=columns)
+    grid_path = next(path for path in media_files if path.suffix == ".png")  # the image grid or the clips' frame strip
+    metric = frechet_metric_name(extractor)
     row = {
         "experiment": cfg.name,
         "checkpoint": str(checkpoint),
         "distill": "single" if list(model.cfg.widths) == [1] else run_config.get("distill", {}).get("mode", "unknown"),
+        "task": task.name,
         "schedule": schedule.name,
         "widths": "-".join(map(str, schedule.widths)),
         "steps_per_width": "-".join(map(str, schedule.steps)),
@@ -150,7 +205,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "steps": len(width_per_step),
         "samples": quality.samples,
         "extractor": extractor.name,
-        "fid": round(quality.fid, 4),
+        "fid": round(quality.frechet, 4) if metric == "fid" else "",
+        "fvd": round(quality.frechet, 4) if metric == "fvd" else "",
         "class_acc": round(quality.class_acc, 4),
         "gflops_per_sample": round(quality.gflops_per_sample, 6),
         "seconds": round(quality.seconds, 1),
@@ -159,8 +215,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     append_result(results, row)
     print(
-        f"{description}: FID {quality.fid:.2f} ({extractor.name}, {quality.samples} samples vs {reference.count} real), "
-        f"class accuracy {quality.class_acc:.3f}, {quality.gflops_per_sample:.3f} GFLOPs/sample; appended to {results}"
+        f"{description}: {frechet_label(extractor)} {quality.frechet:.2f} ({extractor.name}, {quality.samples} samples vs "
+        f"{reference.count} real), class accuracy {quality.class_acc:.3f}, {quality.gflops_per_sample:.3f} GFLOPs/sample; "
+        f"appended to {results}"
     )
     return row
 

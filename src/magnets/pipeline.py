@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from magnets.data.base import build_datamodule
-from magnets.data.shards import TokenDataModule
+from magnets.data.shards import TokenDataModule, TokenDataset
 from magnets.data.tokenization import tokenize_splits
 from magnets.errors import DataNotFoundError, MismatchError
 from magnets.files import atomic_write_json, atomic_write_text, file_sha256
@@ -45,7 +45,8 @@ from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.lit.sampling_validation import SamplingValidation
 from magnets.lit.tokenizer import TokenizerModule, load_tokenizer
 from magnets.metrics.classifier import fit_classifier
-from magnets.metrics.fid import ClassifierFeatures, feature_stats
+from magnets.metrics.extractors import domain_classifier_features
+from magnets.metrics.fid import feature_stats
 from magnets.models.tokenizer import num_tokens, tokenizer_config
 from magnets.models.transformer import MODEL_SIZES
 from magnets.runs import (
@@ -60,6 +61,7 @@ from magnets.runs import (
     tokenizer_final_checkpoint,
 )
 from magnets.sampling import SamplingSettings, load_schedule
+from magnets.task import Task, build_task
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +215,12 @@ def fit_classifier_stage(cfg: DictConfig, poll_s: float = 5.0, timeout_s: float 
 
 
 def sampling_validation(cfg: DictConfig, tokenizer_ckpt: Path, classifier_path: Path) -> SamplingValidation:
-    """The validation callback of ``cfg.sample_validation``, with the classifier's statistics of the real split."""
+    """The validation callback of ``cfg.sample_validation``, with the classifier's statistics of the real split.
+
+    The classifier's features give FID for images and FVD-domain for clips;
+    under frame prediction the conditioning clips are the reference split's
+    token shard, in order.
+    """
     options = cfg.sample_validation
     runnable = [name for name in options.schedules if set(load_schedule(name).widths) <= set(cfg.model.widths)]
     skipped = sorted(set(options.schedules) - set(runnable))
@@ -221,16 +228,20 @@ def sampling_validation(cfg: DictConfig, tokenizer_ckpt: Path, classifier_path: 
         log.warning(
             "sample_validation: skipping schedules %s, which name widths outside model.widths=%s", skipped, cfg.model.widths
         )
-    classifier = ClassifierFeatures(classifier_path)
+    classifier = domain_classifier_features(classifier_path)
     real = build_datamodule(cfg.data)
     loader = torch.utils.data.DataLoader(real.dataset(options.reference_split), batch_size=options.batch_size)
     reference = feature_stats(loader, classifier, desc=f"reference {options.reference_split} ({classifier.name})")
+    task = experiment_task(cfg)
+    condition_shard = TokenDataset(shard_dir(cfg.tokenize.out_dir, options.reference_split)) if task.given_tokens else None
     return SamplingValidation(
         load_tokenizer(tokenizer_ckpt),
         classifier,
         reference,
         runnable,
         SamplingSettings.from_config(cfg.decode),
+        task,
+        condition_shard,
         cache=cfg.decode.cache,
         refresh_every=cfg.decode.refresh_every,
         samples=options.samples,
@@ -239,6 +250,11 @@ def sampling_validation(cfg: DictConfig, tokenizer_ckpt: Path, classifier_path: 
         width_grids=options.width_grids,
         seed=cfg.seed,
     )
+
+
+def experiment_task(cfg: DictConfig) -> Task:
+    """The experiment's :class:`Task` (``cfg.task``) for its tokenizer."""
+    return build_task(cfg.task, cfg.tokenizer.kind, OmegaConf.to_container(cfg.tokenizer.model, resolve=True))
 
 
 def fit_maskgit(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> dict[str, Any]:
@@ -254,6 +270,7 @@ def fit_maskgit(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> dict
         distill=cfg.distill.mode,
         alpha_decay_steps=max(1, round(cfg.distill.alpha_decay_fraction * max_steps)),
         seed=cfg.seed,
+        task=experiment_task(cfg).as_dict(),
         **OmegaConf.to_container(cfg.maskgit.module, resolve=True),
     )
     datamodule = TokenDataModule(

@@ -1,13 +1,15 @@
-"""Decode a grid of class-conditional samples from a trained checkpoint with a model schedule.
+"""Decode a grid of samples from a trained checkpoint with a model schedule: one row per class, or predicted clips.
 
     python -m magnets.sample [name=fmnist] [checkpoint=last] [schedule=magnets_3333] [decode.cache=...]
     make sample EXP=fmnist ARGS="schedule=maskgit_12 decode.cache=none"
 
 Writes the samples through the media writer (``grid.png`` for images, one
-row per class; ``grid.gif`` and ``grid_frames.png`` for clips) and ``samples.npz`` (tokens, labels,
-schedule, cache, GFLOPs per sample) to ``out_dir`` (default: the checkpoint's
-run directory, ``samples/<schedule>_<cache>/``) and prints the GFLOPs per
-sample against the uncached full-model baseline with the same number of steps.
+row per class; ``grid.gif`` and ``grid_frames.png`` for clips; under frame
+prediction also ``real.gif`` / ``real_frames.png``, the clips the predictions
+continue) and ``samples.npz`` (tokens, labels, schedule, cache, GFLOPs per
+sample) to ``out_dir`` (default: the checkpoint's run directory,
+``samples/<schedule>_<cache>/``) and prints the GFLOPs per sample against the
+uncached full-model baseline with the same number of steps.
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from magnets.cli import check_sample_config, run_entry
+from magnets.data.shards import TokenDataset
 from magnets.errors import ConfigError
-from magnets.evaluation import generate_images
+from magnets.evaluation import DecodeConditions, decode_conditions, generate_samples
 from magnets.files import atomic_write
 from magnets.flops import decode_flops_per_sample, planned_decode_work
 from magnets.lit.maskgit import load_maskgit
 from magnets.lit.tokenizer import load_tokenizer
 from magnets.media import save_media
-from magnets.runs import resolve_checkpoint, tokenizer_of_run
+from magnets.runs import resolve_checkpoint, shard_dir, tokenizer_of_run
 from magnets.sampling import SamplingSettings, load_schedule
 
 log = logging.getLogger(__name__)
@@ -41,7 +44,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     """Decode ``samples_per_class`` samples of every class; write the grid and tokens; return a summary."""
     device = torch.device(cfg.device)
     checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.paths.runs, cfg.name)
-    model, run_config = load_maskgit(checkpoint, device)
+    model, task, run_config = load_maskgit(checkpoint, device)
     model_cfg = model.cfg
     schedule = load_schedule(OmegaConf.to_container(cfg.schedule, resolve=True))
     width_per_step = schedule.width_per_step(model_cfg.widths)
@@ -53,27 +56,40 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     bad = [c for c in classes if not 0 <= c < model_cfg.num_classes]
     if bad:
         raise ConfigError("classes", bad, f"null (every class) or ids in 0..{model_cfg.num_classes - 1}")
-    labels = torch.tensor(classes, device=device).repeat_interleave(cfg.samples_per_class)  # [C * S]: class-major
+    if task.given_tokens:  # frame prediction: the first clips of the condition split, in order
+        shard = TokenDataset(shard_dir(run_config["tokenize"]["out_dir"], cfg.condition_split))
+        conditions = decode_conditions(task, cfg.samples_per_class * len(classes), model_cfg.num_classes, device, shard)
+    else:  # class-major: row c of the grid holds class c
+        labels = torch.tensor(classes, device=device).repeat_interleave(cfg.samples_per_class)  # [C * S]
+        conditions = DecodeConditions(labels)
     generator = torch.Generator(device).manual_seed(cfg.seed)
-    batches = generate_images(
-        model, tokenizer, labels, width_per_step, settings, cfg.decode.cache, cfg.decode.refresh_every, cfg.batch_size, generator
-    )
+    batches = generate_samples(
+        model, tokenizer, task, conditions, width_per_step, settings, cfg.decode.cache, cfg.decode.refresh_every,
+        cfg.batch_size, generator,
+    )  # fmt: skip
     images, tokens, work = [], [], []
-    with torch.inference_mode(), tqdm(total=len(labels), desc=f"{schedule.name}/{cfg.decode.cache}", unit="sample") as bar:
+    with torch.inference_mode(), tqdm(total=len(conditions), desc=f"{schedule.name}/{cfg.decode.cache}", unit="sample") as bar:
         for batch in batches:
             images.append(batch.images)
             tokens.append(batch.tokens)
             work.extend(batch.work)
             bar.update(len(batch.labels))
-    images, tokens = torch.cat(images), torch.cat(tokens)  # [C * S, channels, ...], [C * S, N]
+    images, tokens = torch.cat(images), torch.cat(tokens)  # [S, channels, ...], [S, N]
+    labels = conditions.labels
 
     gflops = decode_flops_per_sample(model_cfg, work, len(labels)) / 1e9
-    baseline_work = planned_decode_work(model_cfg, [1] * len(width_per_step), "none", guided=settings.guided)
+    masked = model_cfg.num_tokens - task.given_tokens
+    baseline_work = planned_decode_work(model_cfg, [1] * len(width_per_step), "none", guided=settings.guided, num_masked=masked)
     baseline_gflops = decode_flops_per_sample(model_cfg, baseline_work, samples=1) / 1e9
     out_dir = Path(cfg.out_dir) if cfg.out_dir else checkpoint.parent.parent / "samples" / f"{schedule.name}_{cfg.decode.cache}"
     media_files = save_media(images, out_dir / "grid", nrow=cfg.samples_per_class)
+    if task.given_tokens:  # the real clips the predictions started from, through the same tokenizer
+        with torch.inference_mode():
+            real = tokenizer.decode(conditions.real_tokens.view(-1, *model_cfg.grid))
+        media_files += save_media(real, out_dir / "real", nrow=cfg.samples_per_class)
     summary = {
         "checkpoint": str(checkpoint),
+        "task": task.name,
         "schedule": schedule.name,
         "widths": list(schedule.widths),
         "steps": list(schedule.steps),
