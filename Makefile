@@ -75,11 +75,11 @@ test-slow: setup
 # Decode time of schedules x cache modes against uncached MaskGIT (model s, 16x16 tokens, batch 8, CPU);
 # JSON in runs/bench/decode.json. On a GPU: make bench ARGS="device=cuda model=b batch_size=64 dtype=bfloat16"
 bench: setup
-	$(PY) -m magnets.bench task=decode $(ARGS)
+	$(PY) -m magnets.bench bench=decode $(ARGS)
 
 # Nested vs single-width training step time (model s, 16x16 tokens); JSON in runs/bench/train.json.
 bench-train: setup
-	$(PY) -m magnets.bench task=train $(ARGS)
+	$(PY) -m magnets.bench bench=train $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests notebooks

@@ -1,13 +1,19 @@
 import json
 
+import pytest
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
 
 from conftest import CONF_DIR
-from magnets.bench import bench_decode, bench_model_config, bench_train, write_json
+from magnets.bench import bench_decode, bench_geometry, bench_model_config, bench_train, check_bench_config, run_bench, write_json
+from magnets.cli import run_entry
 from magnets.flops import decode_flops_per_sample, forward_flops, nested_training_flop_ratio, planned_decode_work
 from magnets.models.kv_cache import CACHE_MODES
+from magnets.models.tokenizer import tokenizer_config
 from magnets.models.transformer import TransformerConfig
-from magnets.sampling import load_schedule, shipped_schedules
+from magnets.sampling import SamplingSettings, load_schedule, shipped_schedules
+from magnets.task import build_task
 
 
 def test_forward_flops_scale_with_width_and_match_a_hand_count():
@@ -61,10 +67,101 @@ def test_bench_decode_writes_one_record_per_configuration(tmp_path):
 
 def test_magnets_needs_2_8x_fewer_gflops_than_maskgit_at_the_imagenet_geometry():
     """Model b, 16x16 tokens, K=12: magnets_3333 with refresh on switch against uncached maskgit_12."""
-    cfg = bench_model_config(bench_config(["model=b", "grid=[16,16]", "codebook_size=1024"]), [8, 4, 2, 1])
+    cfg = bench_model_config("b", bench_geometry(bench_config(["grid=[16,16]", "codebook_size=1024"])), [8, 4, 2, 1])
 
     def gflops(schedule, cache):
         work = planned_decode_work(cfg, load_schedule(schedule).width_per_step(cfg.widths), cache)
         return decode_flops_per_sample(cfg, work, samples=1) / 1e9
 
     assert gflops("maskgit_12", "none") / gflops("magnets_3333", "refresh_on_switch") >= 2.8
+
+
+def planned_gflops(cfg, schedule, cache, num_masked=None):
+    """GFLOPs per sample of ``schedule`` x ``cache`` with the default decode settings."""
+    settings = SamplingSettings.from_config(bench_config([]).decode)
+    width_per_step = load_schedule(schedule).width_per_step(cfg.widths)
+    work = planned_decode_work(cfg, width_per_step, cache, 2, settings.mask_schedule, settings.guided, num_masked=num_masked)
+    return decode_flops_per_sample(cfg, work, samples=1) / 1e9
+
+
+def test_geometries_are_the_image_numbers_and_the_paper_video_tokenizer():
+    image = bench_geometry(bench_config([]))
+    assert (image.grid, image.codebook_size, image.num_classes, image.frame_pred_given_tokens) == ((16, 16), 1024, 1000, None)
+
+    cfg = bench_config(["geometry=video"])
+    video = bench_geometry(cfg)
+    paper = OmegaConf.load(CONF_DIR / "tokenizer" / "causal3d_paper.yaml")
+    tokenizer = tokenizer_config(paper.kind, paper.model)
+    assert video.grid == tuple(tokenizer.grid) == (5, 16, 16) and video.codebook_size == tokenizer.codebook_size == 1000
+    assert video.num_classes == 101 and cfg.batch_size < bench_config([]).batch_size
+    # Kinetics-600: 5 conditioning frames of 17 = the first 2 of 5 latent frames; the same count training's task gives.
+    assert video.frame_pred_given_tokens == 2 * 16 * 16
+    assert video.frame_pred_given_tokens == build_task(cfg.geometry.frame_pred, paper.kind, paper.model).given_tokens
+
+    overridden = bench_geometry(bench_config(["geometry=video", "grid=[3,4,4]", "codebook_size=64"]))
+    assert (overridden.grid, overridden.codebook_size, overridden.frame_pred_given_tokens) == ((3, 4, 4), 64, 2 * 4 * 4)
+
+
+def test_bench_at_video_geometry_writes_the_model_b_flop_table_of_both_tasks(tmp_path, capsys):
+    """Timed at model tiny; the FLOP table is model b's on the paper's 5x16x16 grid, class-conditional and frame prediction."""
+    cfg = bench_config(
+        [
+            "geometry=video", "model=tiny", "batch_size=1", "warmup=0", "repeats=1", f"out={tmp_path / 'decode.json'}",
+            "decode_bench.schedules=[maskgit_12,magnets_3333]", "decode_bench.caches=[none,refresh_on_switch]",
+        ]
+    )  # fmt: skip
+    check_bench_config(cfg)
+    run_bench(cfg)
+    saved = json.loads((tmp_path / "decode.json").read_text())
+    assert saved["geometry"]["grid"] == [5, 16, 16] and saved["geometry"]["codebook_size"] == 1000
+    assert saved["geometry"]["frame_pred_given_tokens"] == 512 and saved["flops_model"] == "b"
+    assert len(saved["records"]) == 4 and all(r["ms_per_sample"] > 0 for r in saved["records"])
+
+    table = {(r["task"], r["schedule"], r["cache"]): r for r in saved["flops_table"]}
+    assert set(table) == {(t, s, c) for t in ("class_cond", "frame_pred") for s in shipped_schedules() for c in CACHE_MODES}
+    assert {r["given_tokens"] for r in saved["flops_table"] if r["task"] == "frame_pred"} == {512}
+    b = TransformerConfig.from_size("b", codebook_size=1000, grid=[5, 16, 16], num_classes=101, widths=[8, 4, 2, 1])
+    assert table[("class_cond", "maskgit_12", "none")]["gflops_per_sample"] == pytest.approx(
+        planned_gflops(b, "maskgit_12", "none")
+    )
+    assert table[("frame_pred", "magnets_3333", "refresh_on_switch")]["gflops_per_sample"] == pytest.approx(
+        planned_gflops(b, "magnets_3333", "refresh_on_switch", num_masked=1280 - 512)
+    )
+    for schedule in shipped_schedules():
+        for cache in CACHE_MODES:
+            assert (
+                table[("frame_pred", schedule, cache)]["gflops_per_sample"]
+                < table[("class_cond", schedule, cache)]["gflops_per_sample"]
+            )
+    for task in ("class_cond", "frame_pred"):
+        assert table[(task, "maskgit_12", "none")]["flops_ratio_vs_baseline"] == 1.0
+        assert table[(task, "magnets_3333", "refresh_on_switch")]["flops_ratio_vs_baseline"] > 2
+
+    printed = capsys.readouterr().out
+    assert "analytic GFLOPs per sample at model b, 5x16x16 tokens" in printed
+    assert printed.count("frame_pred") == len(shipped_schedules()) * len(CACHE_MODES)
+
+
+def test_a_bad_geometry_is_named_with_the_valid_ones(tmp_path, capsys):
+    with pytest.raises(HydraException, match=r"geometry/bogus") as raised:  # a missing group option: Hydra's own message
+        bench_config(["geometry=bogus"])
+    assert "image" in str(raised.value) and "video" in str(raised.value)
+
+    for overrides, message in (
+        (
+            ["geometry=video", "geometry.tokenizer=bogus"],
+            "error: geometry.tokenizer='bogus' is not valid; valid: causal3d_paper, ",
+        ),
+        (
+            ["geometry=video", "grid=[2,16,16]"],
+            "error: grid=[2, 16, 16] is not valid; valid: a [t, h, w] grid with more than the 2 ",
+        ),
+        (["geometry=image", "grid=null"], "error: grid=None is not valid; valid: a token grid"),
+        (["flops_model=huge"], "error: flops_model='huge' is not valid; valid: tiny, fmnist, s, b, l, xl"),
+    ):
+        cfg = bench_config([*overrides, f"out={tmp_path / 'decode.json'}"])
+        with pytest.raises(SystemExit) as exited:
+            run_entry(run_bench, cfg, check_bench_config)
+        assert exited.value.code == 2
+        assert capsys.readouterr().err.startswith(message)
+    assert not (tmp_path / "decode.json").exists()  # nothing ran

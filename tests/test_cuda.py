@@ -148,7 +148,7 @@ def test_bench_decode_on_cuda_in_bf16_reports_peak_memory():
 
 
 def test_bench_train_on_cuda():
-    cfg = bench_config(["task=train", "model=tiny", "batch_size=4", "grid=[4,4]", "warmup=1", "repeats=1", "device=cuda"])
+    cfg = bench_config(["bench=train", "model=tiny", "batch_size=4", "grid=[4,4]", "warmup=1", "repeats=1", "device=cuda"])
     result = bench_train(cfg)
     assert [r["model"] for r in result["records"]] == ["nested", "single"]
     assert all(r["ms_per_step"] > 0 for r in result["records"])

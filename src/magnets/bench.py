@@ -1,15 +1,27 @@
 """Benchmarks, measured side by side in one process; JSON out.
 
-    python -m magnets.bench [task=decode] [model=s] [batch_size=8] [grid=[16,16]] [device=cpu]   (make bench)
-    python -m magnets.bench task=train [model=s] [batch_size=8] [grid=[16,16]]                  (make bench-train)
+    python -m magnets.bench [bench=decode] [geometry=image] [model=s] [batch_size=8] [device=cpu]   (make bench)
+    python -m magnets.bench geometry=video                                   (the paper's video token grid)
+    python -m magnets.bench bench=train [geometry=image] [model=s] [batch_size=8]                   (make bench-train)
 
-``task=decode``: class-conditional decoding of a batch from all-[MASK] with
+The ``geometry`` group sets the token grid, codebook size and classes the
+models are built for: ``image`` (16x16 tokens, 1024 codes, 1000 classes) or
+``video`` (the grid and codebook of the paper-scale causal 3D tokenizer,
+``conf/tokenizer/causal3d_paper.yaml``, read through ``tokenizer_config``;
+101 classes; frame prediction as ``conf/task/frame_pred.yaml``, 5
+conditioning frames). ``grid=[...]``, ``codebook_size=`` and
+``num_classes=`` override it.
+
+``bench=decode``: class-conditional decoding of a batch from all-[MASK] with
 every configured schedule x cache mode: ms per sample (median of repeats
 after warm-up, configurations interleaved so that all see the same machine
 state), samples/s, GFLOPs per sample, peak memory (CUDA), and speed-up and
 FLOP ratio against the uncached baseline schedule; also the machine's dense
 matmul GFLOP/s and the analytic GFLOPs of every shipped schedule x cache
-mode. ``task=train``: the time of one training step (masking, forward and
+mode at model ``flops_model`` (default b, whatever ``model`` is timed), for
+each task of the geometry (class-conditional; for video also frame
+prediction, whose given tokens are revealed from the first step).
+``bench=train``: the time of one training step (masking, forward and
 backward of every width, optimizer step) of the nested model with all
 widths against the single-width model of the same size, alternating
 repeats so both see the same machine state. Weights are random: speed does
@@ -21,12 +33,15 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from magnets.cli import check_choice, check_decode, check_device, check_model, check_positive_int, check_schedule, run_entry
 from magnets.errors import ConfigError
@@ -35,14 +50,40 @@ from magnets.flops import decode_flops_per_sample, nested_training_flop_ratio, p
 from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.masking import random_training_mask
 from magnets.models.kv_cache import CACHE_MODES, build_tokens_to_logits
-from magnets.models.tokenizer import num_tokens
+from magnets.models.tokenizer import num_tokens, tokenizer_config
 from magnets.models.transformer import MODEL_SIZES, NestedTransformer, TransformerConfig
 from magnets.sampling import SamplingSettings, decode, load_schedule, shipped_schedules
 
 log = logging.getLogger(__name__)
 
-TASKS = ("decode", "train")
+BENCHES = ("decode", "train")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "conf" / "tokenizer"  # the Hydra group `tokenizer`
+
+
+@dataclass(frozen=True)
+class BenchGeometry:
+    """What the benchmarked models are built for, resolved from the ``geometry`` group and its overrides.
+
+    ``frame_pred_given_tokens`` is the number of leading tokens frame
+    prediction gives (the first latent frames of the flat ``(t, h, w)`` grid),
+    ``None`` where the geometry has no frame prediction.
+    """
+
+    name: str
+    grid: tuple[int, ...]
+    codebook_size: int
+    num_classes: int
+    tokenizer: str | None
+    cond_frames: int | None
+    frame_pred_given_tokens: int | None
+
+    def task_given_tokens(self) -> dict[str, int]:
+        """Decode tasks of the FLOP table -> leading tokens each gives."""
+        tasks = {"class_cond": 0}
+        if self.frame_pred_given_tokens is not None:
+            tasks["frame_pred"] = self.frame_pred_given_tokens
+        return tasks
 
 
 def synchronize(device: torch.device) -> None:
@@ -74,34 +115,108 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, size: tuple[int, int
     return 2 * m * k * n / statistics.median(times[2:]) / 1e9
 
 
-def bench_model_config(cfg: DictConfig, widths: list[int]) -> TransformerConfig:
-    """The benchmarked size with the bench's token grid, codebook and classes."""
-    if cfg.model.size not in MODEL_SIZES:
-        raise ValueError(f"unknown model size {cfg.model.size!r}; valid: {list(MODEL_SIZES)}")
+def shipped_tokenizers() -> list[str]:
+    """Names of the tokenizer configs in ``conf/tokenizer/``."""
+    return sorted(path.stem for path in TOKENIZER_DIR.glob("*.yaml"))
+
+
+def shipped_tokenizer_config(name: str) -> Any:
+    """The config dataclass (``grid``, ``codebook_size``, ...) of ``conf/tokenizer/<name>.yaml``, without building the network."""
+    check_choice("geometry.tokenizer", name, shipped_tokenizers())
+    raw = OmegaConf.load(TOKENIZER_DIR / f"{name}.yaml")
+    try:
+        return tokenizer_config(raw.kind, OmegaConf.to_container(raw.model, resolve=True))
+    except (ValueError, OmegaConfBaseException) as err:  # e.g. a model that interpolates the data config
+        raise ConfigError("geometry.tokenizer", name, f"a tokenizer config whose model stands alone ({err})") from err
+
+
+def check_grid(grid: Any) -> None:
+    if not OmegaConf.is_list(grid) or not grid or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid):
+        raise ConfigError("grid", grid, "a token grid as a list of positive sides, e.g. [16,16] or [5,16,16]")
+
+
+def bench_geometry(cfg: DictConfig) -> BenchGeometry:
+    """The grid, codebook and classes of ``cfg``: ``grid``/``codebook_size`` when set, else the geometry's tokenizer's.
+
+    Frame prediction (``geometry.frame_pred``, a ``task`` config) gives the
+    latent frames that the tokenizer's own rule (``latent_frames_of``)
+    assigns to its ``cond_frames`` conditioning frames, on the grid in use.
+    """
+    geometry = cfg.geometry
+    tokenizer = None if geometry.tokenizer is None else shipped_tokenizer_config(geometry.tokenizer)
+    if cfg.grid is not None:
+        check_grid(cfg.grid)
+        grid = tuple(cfg.grid)
+    elif tokenizer is not None:
+        grid = tuple(tokenizer.grid)
+    else:
+        raise ConfigError("grid", None, "a token grid, e.g. [16,16], where geometry.tokenizer names no tokenizer config")
+    codebook_size = cfg.codebook_size if cfg.codebook_size is not None else getattr(tokenizer, "codebook_size", None)
+    check_positive_int("codebook_size", codebook_size)
+    check_positive_int("num_classes", cfg.num_classes)
+    given = None
+    frame_pred, cond_frames = geometry.frame_pred, None
+    if frame_pred is not None:
+        check_choice("geometry.frame_pred.name", frame_pred.name, ["frame_pred"])
+        cond_frames = frame_pred.cond_frames
+        if not hasattr(tokenizer, "latent_frames_of"):
+            raise ConfigError("geometry.frame_pred", "frame_pred", "null: frame prediction needs a video tokenizer")
+        try:
+            latent_frames = tokenizer.latent_frames_of(cond_frames)
+        except ValueError as err:
+            raise ConfigError("geometry.frame_pred.cond_frames", cond_frames, str(err)) from err
+        if len(grid) != 3 or latent_frames >= grid[0]:
+            valid = f"a [t, h, w] grid with more than the {latent_frames} latent frames frame prediction gives"
+            raise ConfigError("grid", list(grid), valid)
+        given = latent_frames * num_tokens(grid[1:])
+    return BenchGeometry(geometry.name, grid, codebook_size, cfg.num_classes, geometry.tokenizer, cond_frames, given)
+
+
+def bench_model_config(size: str, geometry: BenchGeometry, widths: list[int]) -> TransformerConfig:
+    """Model ``size`` with the geometry's token grid, codebook and classes."""
     return TransformerConfig.from_size(
-        cfg.model.size, codebook_size=cfg.codebook_size, grid=list(cfg.grid), num_classes=cfg.num_classes, widths=widths
+        size, codebook_size=geometry.codebook_size, grid=list(geometry.grid), num_classes=geometry.num_classes, widths=widths
     )
 
 
-def flops_table(model_cfg: TransformerConfig, settings: SamplingSettings, refresh_every: int, baseline: str) -> list[dict]:
-    """Analytic GFLOPs per sample of every shipped schedule x cache mode, and the ratio to the uncached ``baseline``."""
+def flops_table(
+    model_cfg: TransformerConfig,
+    settings: SamplingSettings,
+    refresh_every: int,
+    baseline: str,
+    task_given_tokens: Mapping[str, int],
+) -> list[dict]:
+    """Analytic GFLOPs per sample of each task x shipped schedule x cache mode, and the ratio to the task's uncached ``baseline``.
 
-    def gflops(schedule_name: str, cache: str) -> float:
+    ``task_given_tokens`` maps each task to the leading tokens it gives:
+    those are revealed from the first step, so only the others are decoded.
+    """
+
+    def gflops(schedule_name: str, cache: str, given: int) -> float:
         width_per_step = load_schedule(schedule_name).width_per_step(model_cfg.widths)
-        work = planned_decode_work(model_cfg, width_per_step, cache, refresh_every, settings.mask_schedule, settings.guided)
+        work = planned_decode_work(
+            model_cfg, width_per_step, cache, refresh_every, settings.mask_schedule, settings.guided,
+            num_masked=model_cfg.num_tokens - given,
+        )  # fmt: skip
         return decode_flops_per_sample(model_cfg, work, samples=1) / 1e9
 
-    base = gflops(baseline, "none")
-    return [
-        {
-            "schedule": name,
-            "cache": cache,
-            "gflops_per_sample": gflops(name, cache),
-            "flops_ratio_vs_baseline": base / gflops(name, cache),
-        }
-        for name in shipped_schedules()
-        for cache in CACHE_MODES
-    ]
+    rows = []
+    for task, given in task_given_tokens.items():
+        base = gflops(baseline, "none", given)
+        for name in shipped_schedules():
+            for cache in CACHE_MODES:
+                value = gflops(name, cache, given)
+                rows.append(
+                    {
+                        "task": task,
+                        "given_tokens": given,
+                        "schedule": name,
+                        "cache": cache,
+                        "gflops_per_sample": value,
+                        "flops_ratio_vs_baseline": base / value,
+                    }
+                )
+    return rows
 
 
 def bench_decode(cfg: DictConfig) -> dict[str, Any]:
@@ -110,7 +225,9 @@ def bench_decode(cfg: DictConfig) -> dict[str, Any]:
     if dtype is None:
         raise ValueError(f"unknown dtype {cfg.dtype!r}; valid: {list(DTYPES)}")
     bench = cfg.decode_bench
-    model_cfg = bench_model_config(cfg, list(cfg.model.widths))
+    geometry = bench_geometry(cfg)
+    model_cfg = bench_model_config(cfg.model.size, geometry, list(cfg.model.widths))
+    flops_model_cfg = bench_model_config(cfg.flops_model, geometry, list(cfg.model.widths))
     settings = SamplingSettings.from_config(cfg.decode)
     torch.manual_seed(0)
     model = NestedTransformer(model_cfg).to(device=device, dtype=dtype).eval()
@@ -170,7 +287,7 @@ def bench_decode(cfg: DictConfig) -> dict[str, Any]:
         )
     matmul_size = (cfg.batch_size * model_cfg.num_tokens, model_cfg.dim, model_cfg.mlp_dim)
     return {
-        "task": "decode",
+        "bench": "decode",
         "settings": {
             **run_settings(cfg, device),
             "peak_memory": "torch.cuda.max_memory_allocated per configuration; not measured on CPU",
@@ -178,7 +295,11 @@ def bench_decode(cfg: DictConfig) -> dict[str, Any]:
         "matmul_gflops_per_s": matmul_gflops(device, dtype, matmul_size),
         "matmul_shape": list(matmul_size),
         "records": records,
-        "flops_table": flops_table(model_cfg, settings, cfg.decode.refresh_every, bench.baseline),
+        "geometry": asdict(geometry),
+        "flops_model": cfg.flops_model,
+        "flops_table": flops_table(
+            flops_model_cfg, settings, cfg.decode.refresh_every, bench.baseline, geometry.task_given_tokens()
+        ),
     }
 
 
@@ -204,12 +325,13 @@ def bench_train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.model.size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {cfg.model.size!r}; valid: {list(MODEL_SIZES)}")
     device = torch.device(cfg.device)
+    geometry = bench_geometry(cfg)
     torch.manual_seed(0)
     base = {
         **MODEL_SIZES[cfg.model.size],
-        "codebook_size": cfg.codebook_size,
-        "grid": list(cfg.grid),
-        "num_classes": cfg.num_classes,
+        "codebook_size": geometry.codebook_size,
+        "grid": list(geometry.grid),
+        "num_classes": geometry.num_classes,
     }
     variants = {"nested": list(cfg.model.widths), "single": [1]}
     modules = {
@@ -217,9 +339,9 @@ def bench_train(cfg: DictConfig) -> dict[str, Any]:
         for name, widths in variants.items()
     }
     optimizers = {name: torch.optim.AdamW(module.parameters(), lr=1e-4) for name, module in modules.items()}
-    tokens_per_item = num_tokens(cfg.grid)
-    tokens = torch.randint(0, cfg.codebook_size, (cfg.batch_size, tokens_per_item), device=device)
-    labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device)
+    tokens_per_item = num_tokens(geometry.grid)
+    tokens = torch.randint(0, geometry.codebook_size, (cfg.batch_size, tokens_per_item), device=device)
+    labels = torch.randint(0, geometry.num_classes, (cfg.batch_size,), device=device)
     times: dict[str, list[float]] = {name: [] for name in modules}
     for repeat in range(cfg.warmup + cfg.repeats):
         for name, module in modules.items():  # alternate: both see the same machine state
@@ -240,8 +362,9 @@ def bench_train(cfg: DictConfig) -> dict[str, Any]:
         )
     nested, single = records
     return {
-        "task": "train",
+        "bench": "train",
         "settings": run_settings(cfg, device),
+        "geometry": asdict(geometry),
         "records": records,
         "time_ratio_nested_vs_single": nested["ms_per_step"] / single["ms_per_step"],
         "flops_ratio_nested_vs_single": nested["flops_ratio_vs_single"],
@@ -263,7 +386,18 @@ def print_decode(result: dict[str, Any], path: Path) -> None:
             f"{r['schedule']:<16} {r['cache']:<18} {r['gflops_per_sample']:>13.1f} {r['ms_per_sample']:>10.1f} "
             f"{r['speedup_vs_baseline']:>8.2f} {r['flops_ratio_vs_baseline']:>10.2f} {r['achieved_gflops_per_s']:>8.1f}"
         )
-    print(f"dense matmul {result['matmul_shape']}: {result['matmul_gflops_per_s']:.1f} GFLOP/s; written to {path}")
+    print(f"dense matmul {result['matmul_shape']}: {result['matmul_gflops_per_s']:.1f} GFLOP/s")
+    grid, baseline = "x".join(map(str, result["geometry"]["grid"])), result["settings"]["decode_bench"]["baseline"]
+    print(
+        f"\nanalytic GFLOPs per sample at model {result['flops_model']}, {grid} tokens (ratio: to the task's uncached {baseline})"
+    )
+    print(f"{'schedule':<16} {'cache':<18} {'task':<11} {'given':>6} {'GFLOPs/sample':>13} {'ratio':>6}")
+    for r in result["flops_table"]:
+        print(
+            f"{r['schedule']:<16} {r['cache']:<18} {r['task']:<11} {r['given_tokens']:>6} "
+            f"{r['gflops_per_sample']:>13.1f} {r['flops_ratio_vs_baseline']:>6.2f}"
+        )
+    print(f"written to {path}")
 
 
 def print_train(result: dict[str, Any], path: Path) -> None:
@@ -278,12 +412,15 @@ def print_train(result: dict[str, Any], path: Path) -> None:
 
 
 def check_bench_config(cfg: DictConfig) -> None:
-    check_choice("task", cfg.task, TASKS)
-    grid = cfg.grid
-    if not OmegaConf.is_list(grid) or not grid or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid):
-        raise ConfigError("grid", grid, "a token grid as a list of positive sides, e.g. [16,16] or [5,16,16]")
+    check_choice("bench", cfg.bench, BENCHES)
+    bench_geometry(cfg)
     check_choice("dtype", cfg.dtype, list(DTYPES))
     check_model(cfg.model)
+    check_choice("flops_model", cfg.flops_model, list(MODEL_SIZES))
+    flops_dim = MODEL_SIZES[cfg.flops_model]["dim"]
+    if any(flops_dim % p for p in cfg.model.widths):
+        valid = f"divisors of the dim={flops_dim} of flops_model={cfg.flops_model!r} too"
+        raise ConfigError("model.widths", list(cfg.model.widths), valid)
     check_device(cfg.device)
     check_decode(cfg.decode)
     for key in ("batch_size", "repeats"):
@@ -296,9 +433,9 @@ def check_bench_config(cfg: DictConfig) -> None:
 
 def run_bench(cfg: DictConfig) -> dict[str, Any]:
     """The configured benchmark, written to ``cfg.out`` and printed as a table."""
-    result = bench_decode(cfg) if cfg.task == "decode" else bench_train(cfg)
+    result = bench_decode(cfg) if cfg.bench == "decode" else bench_train(cfg)
     path = write_json(result, cfg.out)
-    (print_decode if cfg.task == "decode" else print_train)(result, path)
+    (print_decode if cfg.bench == "decode" else print_train)(result, path)
     return result
 
 
