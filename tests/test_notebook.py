@@ -1,10 +1,11 @@
-"""notebooks/ablations.ipynb executed headless on a fixture results.csv, and on an empty runs folder."""
+"""notebooks/ablations.ipynb executed headless on fixture results.csv files (images and clips), and on an empty runs folder."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,13 +18,14 @@ from conftest import REPO
 
 NOTEBOOKS = REPO / "notebooks"
 NOTEBOOK = NOTEBOOKS / "ablations.ipynb"
-FIGURES = ["fid_vs_gflops.png", "cache_ablation.png", "sample_grids.png"]
+FIGURES = ["quality_vs_gflops.png", "cache_ablation.png", "sample_grids.png", "frame_strips.png"]
 TABLES = ["pareto_front.csv", "cache_ablation.csv", "distill_ablation.csv", "schedule_ablation.csv"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COLUMNS = [
     "experiment",
     "checkpoint",
     "distill",
+    "task",
     "schedule",
     "widths",
     "steps_per_width",
@@ -33,15 +35,22 @@ COLUMNS = [
     "samples",
     "extractor",
     "fid",
+    "fvd",
     "class_acc",
     "gflops_per_sample",
     "seconds",
     "git_commit",
     "grid",
 ]
+OLD_COLUMNS = [c for c in COLUMNS if c not in ("task", "fvd")]  # the first format: images only
+FID_DOMAIN = "FID-domain (classifier features)"
+FVD_DOMAIN = "FVD-domain (not comparable to published FVD)"
 
 CKPT_P = "runs/fmnist/2025-01-01_00-00-00/checkpoints/last.ckpt"  # progressive distillation
-CKPT_N = "runs/fmnist/2025-01-02_00-00-00/checkpoints/last.ckpt"  # nested, no distillation
+CKPT_N = "runs/fmnist/2025-01-02_00-00-00/checkpoints/last.ckpt"  # nested, no distillation; its results.csv: first format
+CKPT_V = "runs/moving_fmnist/2025-02-01_00-00-00/checkpoints/last.ckpt"  # clips, class_cond, progressive
+CKPT_W = "runs/moving_fmnist/2025-02-02_00-00-00/checkpoints/last.ckpt"  # clips, class_cond, no distillation
+CKPT_F = "runs/moving_fmnist/2025-02-03_00-00-00/checkpoints/last.ckpt"  # clips, frame_pred (same experiment), progressive
 LAYOUT = {  # schedule: (widths, steps_per_width, K)
     "maskgit_12": ("1", "12", 12),
     "magnets_3333": ("8-4-2-1", "3-3-3-3", 12),
@@ -50,7 +59,7 @@ LAYOUT = {  # schedule: (widths, steps_per_width, K)
     "maskgit_8": ("1", "8", 8),
     "magnets_2222": ("8-4-2-1", "2-2-2-2", 8),
 }
-# (checkpoint, schedule, cache, extractor, fid, class_acc, gflops, grid); file order, one configuration twice.
+# (checkpoint, schedule, cache, extractor, fid or fvd, class_acc, gflops, grid); file order, one configuration twice.
 ROWS_P = [
     (CKPT_P, "maskgit_12", "refresh_on_switch", "fmnist_classifier", 20.0, 0.90, 10.0, "samples/maskgit_12.png"),
     (CKPT_P, "magnets_3333", "refresh_on_switch", "fmnist_classifier", 30.0, 0.70, 4.0, ""),  # re-run below
@@ -69,42 +78,85 @@ ROWS_N = [
     (CKPT_N, "maskgit_12", "refresh_on_switch", "fmnist_classifier", 21.0, 0.88, 10.0, ""),
     (CKPT_N, "magnets_3333", "refresh_on_switch", "fmnist_classifier", 24.0, 0.82, 4.0, ""),
 ]
-GRIDS = ["samples/maskgit_12.png", "samples/magnets_3333_none.png", "samples/magnets_3333.png"]
+VC = "video_classifier"
+ROWS_V = [  # front: magnets_2222 (8.4), magnets_3333 (14), magnets_3333/none (24), maskgit_12 (40)
+    (CKPT_V, "maskgit_12", "refresh_on_switch", VC, 300.0, 0.60, 40.0, ""),
+    (CKPT_V, "magnets_3333", "refresh_on_switch", VC, 320.0, 0.55, 14.0, "samples/magnets_3333_frames.png"),
+    (CKPT_V, "magnets_3333", "none", VC, 310.0, 0.57, 24.0, ""),
+    (CKPT_V, "magnets_3333", "no_refresh", VC, 360.0, 0.50, 12.0, ""),  # cheaper than magnets_3333 but worse
+    (CKPT_V, "scale_down_3333", "refresh_on_switch", VC, 340.0, 0.52, 14.0, ""),  # as cheap as magnets_3333, worse
+    (CKPT_V, "maskgit_8", "refresh_on_switch", VC, 310.0, 0.56, 28.0, ""),  # ties magnets_3333/none at more GFLOPs
+    (CKPT_V, "magnets_2222", "refresh_on_switch", VC, 350.0, 0.51, 8.4, ""),
+]
+ROWS_W = [  # the same panel as ROWS_V, dominated by its points
+    (CKPT_W, "maskgit_12", "refresh_on_switch", VC, 305.0, 0.58, 40.0, ""),
+    (CKPT_W, "magnets_3333", "refresh_on_switch", VC, 335.0, 0.50, 14.0, ""),
+]
+ROWS_F = [
+    (CKPT_F, "maskgit_12", "refresh_on_switch", VC, 200.0, 0.70, 30.0, ""),
+    (CKPT_F, "magnets_3333", "refresh_on_switch", VC, 210.0, 0.68, 9.0, ""),
+    (CKPT_F, "maskgit_12", "refresh_on_switch", "i3d_torchscript", 500.0, 0.70, 30.0, ""),
+    (CKPT_F, "magnets_3333", "refresh_on_switch", "i3d_torchscript", 520.0, 0.68, 9.0, ""),
+    (CKPT_F, "magnets_3333", "none", "i3d_torchscript", 530.0, 0.68, 12.0, ""),  # dominated
+]
+GRIDS = {  # path: pixels (a frame strip: 2 clips of 8 frames)
+    "samples/maskgit_12.png": (16, 32),
+    "samples/magnets_3333_none.png": (16, 32),
+    "samples/magnets_3333.png": (16, 32),
+    "samples/magnets_3333_frames.png": (32, 128),
+}
+PANELS = {  # quality vs compute: panel title's second line and y label
+    "fmnist · class_cond · fmnist_classifier · 100 samples": FID_DOMAIN,
+    "fmnist · class_cond · inception_offline · 100 samples": "FID",
+    "moving_fmnist · class_cond · video_classifier · 100 samples": FVD_DOMAIN,
+    "moving_fmnist · frame_pred · video_classifier · 100 samples": FVD_DOMAIN,
+    "moving_fmnist · frame_pred · i3d_torchscript · 100 samples": "FVD",
+}
 
 
-def write_results(folder: Path, rows: list[tuple], distill: str) -> None:
-    """A results.csv in the format of `python -m magnets.evaluate`, and tiny PNG grids for the rows in GRIDS."""
+def write_results(
+    folder: Path,
+    rows: list[tuple],
+    distill: str,
+    experiment: str = "fmnist",
+    task: str = "class_cond",
+    distance: str = "fid",
+    columns: list[str] = COLUMNS,
+) -> Path:
+    """A results.csv in the format of `python -m magnets.evaluate` (or an older one), tiny PNG grids for the rows in GRIDS."""
     folder.mkdir(parents=True)
     with open(folder / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        for checkpoint, schedule, cache, extractor, fid, acc, gflops, grid in rows:
+        writer.writerow(columns)
+        for checkpoint, schedule, cache, extractor, value, acc, gflops, grid in rows:
             widths, steps_per_width, steps = LAYOUT[schedule]
-            writer.writerow(
-                [
-                    "fmnist",
-                    checkpoint,
-                    distill,
-                    schedule,
-                    widths,
-                    steps_per_width,
-                    cache,
-                    2.0,
-                    steps,
-                    100,
-                    extractor,
-                    fid,
-                    acc,
-                    gflops,
-                    1.5,
-                    "0123abc",
-                    grid,
-                ]
-            )
-    for grid in GRIDS:
+            row = {
+                "experiment": experiment,
+                "checkpoint": checkpoint,
+                "distill": distill,
+                "task": task,
+                "schedule": schedule,
+                "widths": widths,
+                "steps_per_width": steps_per_width,
+                "cache": cache,
+                "guidance": 2.0,
+                "steps": steps,
+                "samples": 100,
+                "extractor": extractor,
+                "fid": value if distance == "fid" else "",
+                "fvd": value if distance == "fvd" else "",
+                "class_acc": acc,
+                "gflops_per_sample": gflops,
+                "seconds": 1.5,
+                "git_commit": "0123abc",
+                "grid": grid,
+            }
+            writer.writerow([row[c] for c in columns])
+    for grid, shape in GRIDS.items():
         if any(row[-1] == grid for row in rows):
             (folder / grid).parent.mkdir(exist_ok=True)
-            imsave(folder / grid, np.random.default_rng(0).random((16, 32)), cmap="gray")
+            imsave(folder / grid, np.random.default_rng(0).random(shape), cmap="gray")
+    return folder / "results.csv"
 
 
 def execute(runs: Path, figures: Path, work: Path):
@@ -152,14 +204,25 @@ def outputs(notebook, kind: str) -> list:
     return found
 
 
+def panel_lines(notebook) -> dict[str, str]:
+    """The quality-vs-compute panels the notebook printed: panel name -> its y axis label."""
+    stdout = "".join(outputs(notebook, "stdout"))
+    return dict(re.findall(r"^panel (.+): y '(.+)', x 'GFLOPs per sample'", stdout, flags=re.MULTILINE))
+
+
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
-    """The notebook executed on the fixture runs folder, and its figures folder."""
+def executed(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path, Path]:
+    """The notebook executed on the fixture runs folder, its figures folder and the first-format results.csv."""
     tmp = tmp_path_factory.mktemp("ablations")
-    write_results(tmp / "runs" / "fmnist" / "2025-01-01_00-00-00", ROWS_P, "progressive")
-    write_results(tmp / "runs" / "fmnist" / "2025-01-02_00-00-00", ROWS_N, "none")
+    runs = tmp / "runs"
+    write_results(runs / "fmnist" / "2025-01-01_00-00-00", ROWS_P, "progressive")
+    old = write_results(runs / "fmnist" / "2025-01-02_00-00-00", ROWS_N, "none", columns=OLD_COLUMNS)
+    video = {"experiment": "moving_fmnist", "distance": "fvd"}
+    write_results(runs / "moving_fmnist" / "2025-02-01_00-00-00", ROWS_V, "progressive", **video)
+    write_results(runs / "moving_fmnist" / "2025-02-02_00-00-00", ROWS_W, "none", **video)
+    write_results(runs / "moving_fmnist" / "2025-02-03_00-00-00", ROWS_F, "progressive", task="frame_pred", **video)
     figures = tmp / "figures"
-    return execute(tmp / "runs", figures, tmp), figures
+    return execute(runs, figures, tmp), figures, old
 
 
 def test_notebook_is_stored_clean() -> None:
@@ -171,36 +234,67 @@ def test_notebook_is_stored_clean() -> None:
 
 
 def test_figures_are_saved_and_shown(executed) -> None:
-    notebook, figures = executed
+    notebook, figures, _ = executed
     for name in FIGURES:
         assert (figures / name).read_bytes().startswith(PNG_MAGIC), name
     assert not (figures / "sample_grids_2.png").exists()  # 3 grids exist on disk, 4 per figure
+    assert not (figures / "frame_strips_2.png").exists()
     assert all((figures / name).is_file() for name in TABLES)
     assert len(outputs(notebook, "image/png")) == len(FIGURES)
     stdout = "".join(outputs(notebook, "stdout"))
-    assert "14 rows in 2 results.csv file(s): 13 configurations" in stdout
-    assert "3 sample grid(s) found; 1 listed but missing on disk" in stdout
+    assert "28 rows in 5 results.csv file(s): 27 configurations" in stdout
+    assert "3 sample grid(s) and 1 frame strip(s) found; 1 listed but missing on disk" in stdout
+
+
+def test_first_format_loads(executed) -> None:
+    """A results.csv without task and fvd is read as class_cond images, with a note; its rows join their panels."""
+    notebook, figures, old = executed
+    stdout = "".join(outputs(notebook, "stdout"))
+    assert f"note: {old} has the first format (no task, fvd): read with task=class_cond, fvd empty" in stdout
+    assert stdout.count("has the first format") == 1
+    schedules = pd.read_csv(figures / "schedule_ablation.csv")
+    rows = schedules[schedules.checkpoint == CKPT_N]
+    assert list(zip(rows.task, rows.metric, rows.distance, strict=True)) == [
+        ("class_cond", FID_DOMAIN, 21.0),
+        ("class_cond", FID_DOMAIN, 24.0),
+    ]
+    assert rows.fvd.isna().all()
+
+
+def test_quality_panels(executed) -> None:
+    """A panel per (experiment, task, extractor, samples), its y axis the metric: FVD-domain for the video classifier."""
+    notebook, figures, _ = executed
+    assert panel_lines(notebook) == PANELS
+    front = pd.read_csv(figures / "pareto_front.csv")
+    panels = front[["experiment", "task", "extractor", "samples", "metric"]].drop_duplicates()
+    assert {(f"{e} · {t} · {x} · {n} samples", m) for e, t, x, n, m in panels.itertuples(index=False)} == set(PANELS.items())
 
 
 def test_cache_table_keeps_latest_rows(executed) -> None:
-    _, figures = executed
+    _, figures, _ = executed
     table = pd.read_csv(figures / "cache_ablation.csv")
-    assert len(table) == 10  # (extractor, checkpoint, schedule): 6 + 2 for CKPT_P, 2 for CKPT_N
+    assert len(table) == 21  # (panel, checkpoint, schedule): 6 + 2 for CKPT_P, 2 for CKPT_N; 5 CKPT_V, 2 CKPT_W, 2 + 2 CKPT_F
     modes = ["none", "refresh_on_switch", "refresh_every_n", "no_refresh"]
-    metrics = ["fid", "class_acc", "gflops_per_sample"]
-    assert [f"{metric}_{mode}" for metric in metrics for mode in modes] == list(table.columns[-12:])
+    quantities = ["distance", "class_acc", "gflops_per_sample"]
+    assert [f"{quantity}_{mode}" for quantity in quantities for mode in modes] == list(table.columns[-12:])
     row = table[(table.checkpoint == CKPT_P) & (table.schedule == "magnets_3333") & (table.extractor == "fmnist_classifier")]
     assert len(row) == 1
-    assert row[[f"fid_{mode}" for mode in modes]].iloc[0].tolist() == [21.5, 22.0, 21.8, 25.0]  # 22.0: the re-run
+    assert row[[f"distance_{mode}" for mode in modes]].iloc[0].tolist() == [21.5, 22.0, 21.8, 25.0]  # 22.0: the re-run
     assert row[[f"gflops_per_sample_{mode}" for mode in modes]].iloc[0].tolist() == [6.0, 4.0, 5.0, 3.5]
     assert row["class_acc_refresh_on_switch"].item() == 0.85
+    assert row["metric"].item() == FID_DOMAIN
+
+    clips = table[(table.checkpoint == CKPT_V) & (table.schedule == "magnets_3333")]
+    assert len(clips) == 1 and clips["metric"].item() == FVD_DOMAIN and clips["task"].item() == "class_cond"
+    np.testing.assert_array_equal(clips[[f"distance_{mode}" for mode in modes]].iloc[0], [310.0, 320.0, np.nan, 360.0])
+    np.testing.assert_array_equal(clips[[f"gflops_per_sample_{mode}" for mode in modes]].iloc[0], [24.0, 14.0, np.nan, 12.0])
 
 
 def test_pareto_front(executed) -> None:
-    _, figures = executed
+    _, figures, _ = executed
     front = pd.read_csv(figures / "pareto_front.csv")
     classifier = front[front.extractor == "fmnist_classifier"]
-    assert list(zip(classifier.schedule, classifier.cache, classifier.fid, strict=True)) == [
+    assert list(zip(classifier.schedule, classifier.cache, classifier.distance, strict=True)) == [
         ("magnets_2222", "refresh_on_switch", 27.0),
         ("magnets_3333", "no_refresh", 25.0),
         ("magnets_3333", "refresh_on_switch", 22.0),
@@ -208,22 +302,47 @@ def test_pareto_front(executed) -> None:
         ("magnets_3333", "none", 21.5),
         ("maskgit_12", "refresh_on_switch", 20.0),
     ]
+    assert classifier.fid.tolist() == classifier.distance.tolist() and classifier.fvd.isna().all()
     assert set(classifier.checkpoint) == {CKPT_P}
     inception = front[front.extractor == "inception_offline"]
     assert list(inception.schedule) == ["magnets_3333", "maskgit_12"]  # its own panel: both points are on its front
 
+    clips = front[(front.extractor == VC) & (front.task == "class_cond")]
+    assert list(zip(clips.schedule, clips.cache, clips.distance, clips.gflops_per_sample, strict=True)) == [
+        ("magnets_2222", "refresh_on_switch", 350.0, 8.4),
+        ("magnets_3333", "refresh_on_switch", 320.0, 14.0),
+        ("magnets_3333", "none", 310.0, 24.0),
+        ("maskgit_12", "refresh_on_switch", 300.0, 40.0),
+    ]
+    assert set(clips.checkpoint) == {CKPT_V} and set(clips.metric) == {FVD_DOMAIN}  # CKPT_W's points are dominated
+    assert clips.fvd.tolist() == clips.distance.tolist() and clips.fid.isna().all()
+    predicted = front[(front.extractor == VC) & (front.task == "frame_pred")]
+    assert list(predicted.schedule) == ["magnets_3333", "maskgit_12"]
+    i3d = front[front.extractor == "i3d_torchscript"]
+    assert list(zip(i3d.schedule, i3d.cache, i3d.distance, strict=True)) == [
+        ("magnets_3333", "refresh_on_switch", 520.0),
+        ("maskgit_12", "refresh_on_switch", 500.0),
+    ]
+    assert set(i3d.metric) == {"FVD"}
+
 
 def test_distill_and_schedule_tables(executed) -> None:
-    _, figures = executed
+    _, figures, _ = executed
     distill = pd.read_csv(figures / "distill_ablation.csv")
-    assert len(distill) == 11  # (extractor, schedule, cache) configurations
-    row = distill[(distill.schedule == "magnets_3333") & (distill.cache == "refresh_on_switch")].set_index("extractor")
-    columns = ["fid_progressive", "fid_none", "class_acc_progressive", "class_acc_none"]
+    assert len(distill) == 23  # (panel, schedule, cache) configurations: 11 of images, 7 + 2 + 3 of clips
+    images = distill[(distill.experiment == "fmnist") & (distill.schedule == "magnets_3333")]
+    row = images[images.cache == "refresh_on_switch"].set_index("extractor")
+    columns = ["distance_progressive", "distance_none", "class_acc_progressive", "class_acc_none"]
     assert row.loc["fmnist_classifier", columns].tolist() == [22.0, 24.0, 0.85, 0.82]
-    assert row.loc["inception_offline", "fid_progressive"] == 42.0 and np.isnan(row.loc["inception_offline", "fid_none"])
+    assert row.loc["inception_offline", "distance_progressive"] == 42.0
+    assert np.isnan(row.loc["inception_offline", "distance_none"])
+    clips = distill[(distill.task == "class_cond") & (distill.extractor == VC) & (distill.cache == "refresh_on_switch")]
+    clips = clips.set_index("schedule")
+    assert clips.loc["magnets_3333", columns].tolist() == [320.0, 335.0, 0.55, 0.50]
+    assert clips.loc["magnets_3333", "metric"] == FVD_DOMAIN
 
     schedules = pd.read_csv(figures / "schedule_ablation.csv")
-    assert len(schedules) == 13
+    assert len(schedules) == 27
     classifier = schedules[(schedules.checkpoint == CKPT_P) & (schedules.extractor == "fmnist_classifier")]
     ratio = dict(zip(classifier.schedule + "/" + classifier.cache, classifier.gflops_vs_maskgit, strict=True))
     assert ratio["magnets_3333/refresh_on_switch"] == pytest.approx(0.4)
@@ -232,6 +351,37 @@ def test_distill_and_schedule_tables(executed) -> None:
     assert ratio["maskgit_12/refresh_on_switch"] == 1.0
     assert np.isnan(ratio["magnets_3333/none"])  # no uncached maskgit_12 was evaluated
     assert set(classifier.family) == {"baseline", "scale up", "scale down", "abrupt"}
+
+    video = schedules[schedules.checkpoint == CKPT_V]
+    ratio = dict(zip(video.schedule + "/" + video.cache, video.gflops_vs_maskgit, strict=True))
+    assert ratio["magnets_3333/refresh_on_switch"] == pytest.approx(0.35)
+    assert ratio["scale_down_3333/refresh_on_switch"] == pytest.approx(0.35)
+    assert ratio["magnets_2222/refresh_on_switch"] == pytest.approx(0.3)  # against maskgit_8: same K
+    assert np.isnan(ratio["magnets_3333/none"])
+    assert set(video.metric) == {FVD_DOMAIN} and video.fvd.tolist() == video.distance.tolist() and video.fid.isna().all()
+    predicted = schedules[(schedules.checkpoint == CKPT_F) & (schedules.extractor == VC)]
+    ratio = dict(zip(predicted.schedule, predicted.gflops_vs_maskgit, strict=True))
+    assert ratio == {"maskgit_12": 1.0, "magnets_3333": pytest.approx(0.3)}
+
+
+@pytest.mark.parametrize(
+    ("columns", "distance", "error"),
+    [
+        ([c for c in OLD_COLUMNS if c != "seconds"], "fid", "lacks the columns ['seconds']"),  # not task, fvd: those default
+        (COLUMNS, "fid and fvd", "1 row(s) have both or neither of fid and fvd"),
+        (COLUMNS, "fid", "i3d_torchscript gives fvd only"),
+    ],
+)
+def test_malformed_results_raise(tmp_path: Path, columns: list[str], distance: str, error: str) -> None:
+    nbclient = pytest.importorskip("nbclient", reason="executing notebooks needs the test extra nbclient")
+    rows = [(CKPT_F, "maskgit_12", "refresh_on_switch", "i3d_torchscript", 500.0, 0.70, 30.0, "")]
+    folder = tmp_path / "runs" / "moving_fmnist" / "run"
+    results = write_results(folder, rows, "none", distance=distance.split()[-1], columns=columns)
+    if distance == "fid and fvd":
+        frame = pd.read_csv(results)
+        frame.assign(fid=frame.fvd).to_csv(results, index=False)
+    with pytest.raises(nbclient.exceptions.CellExecutionError, match=re.escape(error)):
+        execute(tmp_path / "runs", tmp_path / "figures", tmp_path)
 
 
 def test_no_results(tmp_path: Path) -> None:
