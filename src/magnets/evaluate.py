@@ -38,7 +38,7 @@ from magnets.cli import check_evaluate_config, run_entry
 from magnets.data.base import build_datamodule
 from magnets.data.shards import TokenDataset
 from magnets.errors import ConfigError
-from magnets.evaluation import DecodeConditions, decode_conditions, generate_samples, measure_samples
+from magnets.evaluation import DecodeConditions, decode_conditions, generate_samples, grid_columns, measure_samples
 from magnets.lit.maskgit import load_maskgit
 from magnets.lit.tokenizer import load_tokenizer
 from magnets.media import save_media
@@ -176,7 +176,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         cfg.batch_size, generator,
     )  # fmt: skip
     description = f"{schedule.name}/{cfg.decode.cache}/w={settings.guidance_scale:g}"
-    columns = 8 if task.given_tokens else model.cfg.num_classes
+    columns = grid_columns(task, model.cfg.num_classes)
     with tqdm(total=cfg.samples, desc=description, unit="sample") as bar:
         quality = measure_samples(
             batches, model, extractor, reference, classifier.logits, keep_images=2 * columns, progress=bar.update
@@ -188,7 +188,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         / "grids"
         / f"{checkpoint.parent.parent.name}_{schedule.name}_{cfg.decode.cache}_w{settings.guidance_scale:g}"
     )
-    # Class-conditional samples hold labels 0, 1, ..., C-1, 0, ...: C columns make one row per round of classes.
+    # Class-conditional samples hold labels 0, 1, ..., C-1, 0, ...: with C <= 10 columns, one row per round of classes.
     media_files = save_media(quality.first_images, grid_stem, nrow=columns)
     grid_path = next(path for path in media_files if path.suffix == ".png")  # the image grid or the clips' frame strip
     metric = frechet_metric_name(extractor)

@@ -43,6 +43,15 @@ def balanced_labels(samples: int, num_classes: int, device: torch.device | str =
     return torch.arange(samples, device=device) % num_classes
 
 
+MAX_GRID_COLUMNS = 10
+
+
+def grid_columns(task: Task, num_classes: int) -> int:
+    """Items per row of a sample grid or strip: one per class (at most 10: labels cycle, so column c holds class c when
+    there are no more), or 8 predicted clips under frame prediction."""
+    return 8 if task.given_tokens else min(num_classes, MAX_GRID_COLUMNS)
+
+
 @dataclass
 class DecodeConditions:
     """What each of S samples is decoded from.

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from magnets.data.shards import TokenDataset
-from magnets.evaluation import DecodeConditions, decode_conditions, generate_samples, measure_samples
+from magnets.evaluation import DecodeConditions, decode_conditions, generate_samples, grid_columns, measure_samples
 from magnets.media import log_media
 from magnets.metrics.extractors import frechet_label, frechet_metric_name
 from magnets.metrics.fid import FeatureExtractor, FeatureStats
@@ -80,7 +80,7 @@ class SamplingValidation(L.Callback):
         classes = model.cfg.num_classes
         conditions = decode_conditions(self.task, self.samples, classes, device, self.condition_shard)
         experiment = getattr(trainer.logger, "experiment", None)
-        columns = classes if not self.task.given_tokens else 8
+        columns = grid_columns(self.task, classes)
         for schedule in self.schedules:
             width_per_step = schedule.width_per_step(model.cfg.widths)
             quality = measure_samples(
