@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from magnets.data import fashion_mnist
 
@@ -88,3 +90,13 @@ def tiny_cfg(fake_fmnist: Path, tmp_path: Path) -> DictConfig:
             "sample_validation.batch_size=20",
         ]
     )
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter, also counting the CPU flash-attention kernel (which it counts as 0) with SDPA's formula."""
+    cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    def attention_flops(query_shape, key_shape, value_shape, *args, **kwargs):
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return FlopCounterMode(display=False, custom_mapping={cpu_attention: attention_flops})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from conftest import flop_counter
 from magnets.errors import ConfigError
 from magnets.evaluation import DecodeConditions, generate_samples
 from magnets.flops import decode_flops_per_sample, planned_decode_work
@@ -188,12 +188,7 @@ def test_flops_with_given_tokens_match_the_flop_counter(cache, guidance):
     schedule = ModelSchedule("up", (8, 4, 2, 1), (2, 2, 2, 2)).width_per_step(WIDTHS)
     real = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(0))
     start = task.decode_start(real, 2, 64, cfg.mask_id)
-    cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # counted 0 by default
-
-    def attention_flops(query_shape, key_shape, value_shape, *args, **kwargs):
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    counter = FlopCounterMode(display=False, custom_mapping={cpu_attention: attention_flops})
+    counter = flop_counter()
     with torch.inference_mode(), counter:
         result = decode(
             build_tokens_to_logits(model, cache), start, torch.full((2,), 3), schedule, SamplingSettings(guidance_scale=guidance),

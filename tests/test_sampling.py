@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from conftest import flop_counter
 from magnets.flops import decode_flops_per_sample, planned_decode_work
 from magnets.masking import decode_masked_counts
 from magnets.models.kv_cache import CACHE_MODES, build_tokens_to_logits
@@ -210,12 +210,7 @@ def test_analytic_flops_match_the_flop_counter(cache, guidance):
     schedule = ModelSchedule("up", (8, 4, 2, 1), (2, 2, 2, 2)).width_per_step(WIDTHS)
     tokens, labels = torch.full((2, 64), cfg.mask_id), torch.tensor([0, 1])
     settings = SamplingSettings(guidance_scale=guidance)
-    cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # counted 0 by default
-
-    def attention_flops(query_shape, key_shape, value_shape, *args, **kwargs):
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    counter = FlopCounterMode(display=False, custom_mapping={cpu_attention: attention_flops})
+    counter = flop_counter()
     with torch.inference_mode(), counter:
         result = decode(
             build_tokens_to_logits(model, cache), tokens, labels, schedule, settings, mask_id=cfg.mask_id, null_class=3
