@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from magnets.data.base import build_datamodule
@@ -54,7 +55,7 @@ from magnets.runs import (
     check_resume_compatible,
     checkpoint_dir,
     last_checkpoint,
-    newest_checkpoint,
+    own_resume_checkpoint,
     resume_checkpoint,
     save_checkpoint_atomically,
     shard_dir,
@@ -104,7 +105,7 @@ def stage_trainer(
     ``cfg.trainer`` (devices, strategy, precision) and the stage's own
     arguments (``max_steps``, ...) configure it. ``checkpoints/last.ckpt`` is
     saved every ``checkpoint_every`` steps and ``checkpoints/interrupted.ckpt``
-    when a run crashes or is interrupted; :func:`newest_checkpoint` picks the
+    when a run crashes or is interrupted; :func:`own_resume_checkpoint` picks the
     later of the two, so a rerun continues from where it stopped.
     """
     return L.Trainer(
@@ -120,6 +121,30 @@ def stage_trainer(
             *callbacks,
         ],
     )
+
+
+# Exit status of a stage stopped by SIGTERM (128 + 15, as a shell reports a process the signal ended): a scheduler
+# must not count a preempted job as finished.
+PREEMPTED_EXIT_STATUS = 143
+
+
+def fit_stage(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: Path | None) -> None:
+    """``trainer.fit``, turning a preemption into a non-zero exit.
+
+    On SIGTERM Lightning stops at the next batch, its ``OnExceptionCheckpoint``
+    saves ``checkpoints/interrupted.ckpt`` (:func:`stage_trainer`) and it raises
+    ``SIGTERMException``, a ``SystemExit`` of status 0. Here that becomes
+    :data:`PREEMPTED_EXIT_STATUS`; started again in the same directory (a
+    requeued job) or with ``resume=last``, the stage continues from that checkpoint.
+    """
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        stage_dir = checkpoint_dir(trainer.default_root_dir)
+        log.error("stopped by SIGTERM at step %d; checkpoint in %s (rerun to resume)", trainer.global_step, stage_dir)
+        raise SystemExit(PREEMPTED_EXIT_STATUS) from None
+    if not trainer.state.finished:
+        raise RuntimeError(f"training stopped early ({trainer.state.status}); rerun with resume=last to continue")
 
 
 def fit_tokenizer(cfg: DictConfig) -> Path:
@@ -149,12 +174,10 @@ def fit_tokenizer(cfg: DictConfig) -> Path:
         content_size=getattr(datamodule, "content_size", None),
     )
     trainer = stage_trainer(cfg, tok_dir, cfg.tokenizer.trainer, cfg.tokenizer.checkpoint_every)
-    resume = newest_checkpoint(tok_dir)
+    resume = own_resume_checkpoint(tok_dir)
     if resume is not None:
         check_tokenizer_matches(resume, cfg.tokenizer.kind, model_cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-    if not trainer.state.finished:
-        raise RuntimeError(f"tokenizer training stopped early ({trainer.state.status}); rerun to resume it")
+    fit_stage(trainer, module, datamodule, resume)
     (test_metrics,) = trainer.test(module, datamodule=datamodule)
 
     save_checkpoint_atomically(trainer, final)
@@ -285,12 +308,12 @@ def fit_maskgit(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> dict
     if cfg.maskgit.ema_decay is not None:
         callbacks.append(EMAWeightAveraging(decay=cfg.maskgit.ema_decay))
     trainer = stage_trainer(cfg, run_dir, cfg.maskgit.trainer, cfg.maskgit.checkpoint_every, callbacks)
-    resume = resume_checkpoint(cfg)
+    # resume=...; else this run directory's own checkpoint, when a requeued or rerun job starts here again.
+    resume = resume_checkpoint(cfg) or own_resume_checkpoint(run_dir)
     if resume is not None:
         check_resume_compatible(resume, cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-    if not trainer.state.finished:
-        raise RuntimeError(f"training stopped early ({trainer.state.status}); rerun with resume=last to continue")
+        log.info("resuming from %s", resume)
+    fit_stage(trainer, module, datamodule, resume)
     # The periodic last.ckpt may predate the final steps: save the end state explicitly.
     final = last_checkpoint(run_dir)
     save_checkpoint_atomically(trainer, final)

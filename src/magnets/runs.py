@@ -50,6 +50,20 @@ def newest_checkpoint(root: str | Path, pattern: str = "checkpoints") -> Path | 
     return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
 
 
+# Lightning's SLURM auto-requeue saves this in the Trainer's default_root_dir when the requeue signal arrives.
+HPC_CHECKPOINT_GLOB = "hpc_ckpt_*.ckpt"
+
+
+def own_resume_checkpoint(stage_dir: str | Path) -> Path | None:
+    """The newest checkpoint a stage left in its own directory: ``last``, ``interrupted`` or a SLURM ``hpc_ckpt_N``.
+
+    A stage started again in the same directory (a scheduler's requeue, a
+    rerun of a preempted job) continues from it.
+    """
+    candidates = [p for p in (newest_checkpoint(stage_dir), *Path(stage_dir).glob(HPC_CHECKPOINT_GLOB)) if p is not None]
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
 def resolve_checkpoint(checkpoint: str, runs: str | Path, name: str, key: str = "checkpoint") -> Path:
     """``last``: the newest checkpoint of experiment ``name`` under ``runs``; anything else must be a checkpoint file."""
     if checkpoint == "last":
