@@ -218,3 +218,31 @@ def test_analytic_flops_match_the_flop_counter(cache, guidance):
     counted = counter.get_total_flops() / 2
     analytic = decode_flops_per_sample(cfg, result.work, samples=2)
     assert analytic == pytest.approx(counted, rel=0.02)
+
+
+@pytest.mark.parametrize("cache", ["none", "refresh_on_switch"])  # torch.compile on the CPU: ~12 s each
+def test_compiled_tokens_to_logits_decode_the_same_tokens(cache):
+    model = make_model(depth=2)
+    eager = Recorder(build_tokens_to_logits(model, cache))
+    compiled = Recorder(build_tokens_to_logits(model, cache, compile=True))
+    assert compiled.inner.hidden is not model.hidden
+    tokens = torch.full((3, GRID), model.cfg.mask_id)
+    labels = torch.arange(3) % model.cfg.num_classes
+    results = []
+    for recorder in (eager, compiled):
+        with torch.inference_mode():
+            results.append(
+                decode(
+                    recorder,
+                    tokens,
+                    labels,
+                    SCALE_UP,
+                    SamplingSettings(),
+                    mask_id=model.cfg.mask_id,
+                    null_class=model.cfg.null_class,
+                    generator=torch.Generator().manual_seed(1),
+                )  # fmt: skip
+            )
+    for step, (a, b) in enumerate(zip(eager.logits, compiled.logits, strict=True)):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=f"step {step}")
+    assert torch.equal(results[0].tokens, results[1].tokens)

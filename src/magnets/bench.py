@@ -238,7 +238,7 @@ def bench_decode(cfg: DictConfig) -> dict[str, Any]:
     initial = torch.full((cfg.batch_size, model_cfg.num_tokens), model_cfg.mask_id, device=device)
 
     def run(schedule: str, cache: str) -> tuple[float, list]:
-        tokens_to_logits = build_tokens_to_logits(model, cache, cfg.decode.refresh_every)
+        tokens_to_logits = build_tokens_to_logits(model, cache, cfg.decode.refresh_every, compile=cfg.decode.compile)
         generator = torch.Generator(device).manual_seed(0)
         synchronize(device)
         start = time.perf_counter()

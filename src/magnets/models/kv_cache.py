@@ -108,6 +108,9 @@ class KVCache:
         self.length = self.refresh_positions.shape[1]
         self.refresh_positions = None
 
+    # Writes into preallocated buffers (gather with out=), which torch.compile cannot trace with dynamic shapes:
+    # a compiled forward runs this part eagerly and compiles what lies between.
+    @torch.compiler.disable
     def extend(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store a pass's ``keys``/``values`` ``[B, H, Q, D/H]``; return what its queries attend to.
 
@@ -145,11 +148,12 @@ class UncachedLogits:
 
     def __init__(self, model: NestedTransformer) -> None:
         self.model = model
+        self.hidden = model.hidden  # build_tokens_to_logits(compile=True) swaps in the compiled function
 
     def __call__(self, tokens: torch.Tensor, labels: torch.Tensor, width: int, step: int) -> tuple[torch.Tensor, StepWork]:
         """Logits ``[B, M, V]`` at the masked positions of ``tokens`` ``[B, N]`` (ascending), and the step's work."""
         masked_positions = positions_where(tokens == self.model.cfg.mask_id)  # [B, M]
-        hidden = self.model.hidden(tokens, labels, width)  # [B, N, d]
+        hidden = self.hidden(tokens, labels, width)  # [B, N, d]
         logits = self.model.head_logits(gather_rows(hidden, masked_positions))
         b, n = tokens.shape
         return logits, StepWork(width, "full", queries=n, keys=n, head_positions=masked_positions.shape[1], rows=b)
@@ -169,6 +173,7 @@ class CachedLogits:
         if mode == "none":
             raise ValueError("cache mode 'none' is UncachedLogits; use build_tokens_to_logits")
         self.model, self.mode, self.refresh_every = model, mode, refresh_every
+        self.hidden = model.hidden  # build_tokens_to_logits(compile=True) swaps in the compiled function
         self.cache = KVCache(model.cfg.depth, model.cfg.num_tokens)
         self.previous_masked: torch.Tensor | None = None
         self.previous_width: int | None = None
@@ -195,7 +200,7 @@ class CachedLogits:
         """Full pass in grid order; the cache keeps the revealed tokens' keys/values."""
         masked_positions = positions_where(masked)  # [B, M]
         self.cache.begin_refresh(positions_where(~masked))
-        hidden = self.model.hidden(tokens, labels, width, cache=self.cache)  # [B, N, d]
+        hidden = self.hidden(tokens, labels, width, cache=self.cache)  # [B, N, d]
         self.cache.end_refresh()
         logits = self.model.head_logits(gather_rows(hidden, masked_positions))
         b, n = tokens.shape
@@ -210,7 +215,7 @@ class CachedLogits:
         query_positions = torch.cat([just_revealed, masked_positions], dim=1)  # [B, R + M]
         query_tokens = tokens.gather(1, query_positions)
         cached = self.cache.length
-        hidden = self.model.hidden(query_tokens, labels, width, positions=query_positions, cache=self.cache)  # [B, R + M, d]
+        hidden = self.hidden(query_tokens, labels, width, positions=query_positions, cache=self.cache)  # [B, R + M, d]
         revealed = just_revealed.shape[1]
         self.cache.keep(revealed)
         logits = self.model.head_logits(hidden[:, revealed:])  # the masked positions only
@@ -218,9 +223,26 @@ class CachedLogits:
         return logits, StepWork(width, "cached", queries=q, keys=cached + q, head_positions=masked_positions.shape[1], rows=b)
 
 
-def build_tokens_to_logits(model: NestedTransformer, cache: str, refresh_every: int = 2) -> UncachedLogits | CachedLogits:
-    """The decode loop's tokens-to-logits callable for cache mode ``cache`` (one of ``CACHE_MODES``)."""
+def build_tokens_to_logits(
+    model: NestedTransformer, cache: str, refresh_every: int = 2, compile: bool = False
+) -> UncachedLogits | CachedLogits:
+    """The decode loop's tokens-to-logits callable for cache mode ``cache`` (one of ``CACHE_MODES``).
+
+    ``compile`` runs the transformer's forward through ``torch.compile``
+    (dynamic shapes: the number of queries changes from step to step); the
+    first decode pays the compilation, later ones reuse it.
+    """
     check_cache_mode(cache, refresh_every)
-    if cache == "none":
-        return UncachedLogits(model)
-    return CachedLogits(model, cache, refresh_every)
+    tokens_to_logits = UncachedLogits(model) if cache == "none" else CachedLogits(model, cache, refresh_every)
+    if compile:
+        tokens_to_logits.hidden = compiled_hidden(model)
+    return tokens_to_logits
+
+
+def compiled_hidden(model: NestedTransformer):
+    """``torch.compile(model.hidden)``, made once per model and kept on it, so every decode reuses the compilation."""
+    compiled = getattr(model, "_compiled_hidden", None)
+    if compiled is None:
+        compiled = torch.compile(model.hidden, dynamic=True)
+        object.__setattr__(model, "_compiled_hidden", compiled)  # not a submodule: stays out of state_dict
+    return compiled
