@@ -54,6 +54,7 @@ class TrainableTokenizer(Tokenizer, Protocol):
 TOKENIZER_KINDS: dict[str, tuple[str, str, str]] = {
     "vq2d": ("magnets.models.vq", "VQConfig", "VQTokenizer"),
     "causal3d": ("magnets.models.video_tokenizer", "CausalTokenizerConfig", "CausalVideoTokenizer"),
+    "maskgit_vqgan": ("magnets.models.maskgit_vqgan", "MaskGITVQGANConfig", "MaskGITVQGAN"),
 }
 
 
