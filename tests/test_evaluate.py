@@ -1,4 +1,6 @@
-"""magnets.evaluate: result rows appended safely by parallel jobs; an end-to-end evaluation on a tiny trained run."""
+"""magnets.evaluate: result rows appended safely by parallel jobs; an end-to-end evaluation on a tiny trained run.
+
+The paper protocol (reference files, Inception Score, resumable chunks) is tested in test_fid_protocol.py."""
 
 import csv
 import multiprocessing
@@ -57,6 +59,8 @@ def test_evaluate_appends_a_row_with_fid_accuracy_gflops_and_a_grid(tiny_cfg, tm
     assert [r["schedule"] for r in rows] == ["magnets_3333", "maskgit_12"]
     assert rows[0]["cache"] == "refresh_on_switch" and rows[0]["distill"] == "progressive" and rows[0]["samples"] == "30"
     assert float(rows[0]["fid"]) >= 0 and 0 <= float(rows[0]["class_acc"]) <= 1
+    assert 1 <= float(rows[0]["inception_score"]) <= 10 and float(rows[0]["inception_score_std"]) >= 0  # classifier logits
+    assert rows[0]["reference"] == "test-40"
     assert cached["gflops_per_sample"] < baseline["gflops_per_sample"]
     assert (tmp_path / "runs" / "fmnist" / rows[0]["grid"]).is_file()
     assert rows[0]["git_commit"] != ""

@@ -208,6 +208,8 @@ def test_classifier_fits_round_trips_and_extracts(fake_fmnist: Path, tmp_path: P
         assert extractor(images).shape == (5, extractor.num_features)
         assert extractor(torch.rand(3, 3, 28, 28)).shape == (3, extractor.num_features)  # RGB, another size
         assert extractor.logits(images).shape == (5, 10)
+        features, logits = extractor.features_and_logits(images)  # one backbone pass for both
+        assert torch.allclose(features, extractor(images)) and torch.allclose(logits, extractor.logits(images))
 
 
 def test_classifier_checkpoint_errors_are_clear(fake_fmnist: Path, tmp_path: Path) -> None:

