@@ -115,7 +115,7 @@ def test_datamodule_split_is_deterministic_and_disjoint(fake_fmnist):
 
 
 def test_build_datamodule_names_valid_datasets(tmp_path):
-    valid = "a dataset with media: fmnist, kinetics600, moving_fmnist, ucf101"
+    valid = "a dataset with media: fmnist, imagenet, kinetics600, moving_fmnist, ucf101"
     with pytest.raises(ConfigError, match=rf"data.name='mnist' is not valid; valid: {valid}"):
         build_datamodule({"name": "mnist", "module": {"root": str(tmp_path)}})
 

@@ -1,9 +1,16 @@
 """Encode the media splits of an experiment with a trained tokenizer into token shards.
 
     python -m magnets.tokenize [experiment=NAME] [tokenize.splits=[train,val]] [tokenize.checkpoint=PATH]
+    torchrun --nproc-per-node=8 -m magnets.tokenize experiment=NAME      # 8 processes share the shards
 
-A split whose shard already holds this tokenizer's tokens (same checkpoint
-sha256, same augmentation, same count) is skipped (:mod:`magnets.data.tokenization`).
+Each split becomes numbered shards of ``tokenize.items_per_shard`` source
+items, ``<tokenize.out_dir>/<split>/shard-NNNNN/``, and a ``report.json``
+listing every unreadable file (:mod:`magnets.data.tokenization`). A shard
+that already holds this tokenizer's tokens of the same items is skipped, so
+a rerun after a crash writes only the missing ones. Shard ``i`` is written by
+rank ``i % world_size`` (``tokenize.rank``/``tokenize.world_size``, or
+torchrun's / srun's environment): several processes or nodes take disjoint
+shards, and a process exits when its own are written.
 """
 
 from __future__ import annotations

@@ -10,6 +10,12 @@ datamodules knows whether an item is an image or a clip.
 ``media_info()`` describes the items for token shards' ``meta.json``
 (``kind``: ``image`` or ``video``, and e.g. resolution, frames, stride, fps).
 
+A file that cannot be decoded must never raise inside a DataLoader worker:
+the dataset returns it as ``(zeros, UNREADABLE_LABEL)`` and
+:func:`drop_unreadable`, the collate function of every loader here, leaves it
+out of the batch. Tokenization counts and reports such items by name
+(a dataset that can produce them has ``why_unreadable(index)``).
+
 Datamodules are registered in :data:`DATAMODULES` by the ``data`` config
 group's ``name`` and built by :func:`build_datamodule` from its ``module``.
 """
@@ -22,11 +28,15 @@ from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from magnets.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
+
+# The label of an item whose file could not be read (its media are zeros). Not -1: that is Kinetics' "no label" (its
+# unlabelled test split), a real item.
+UNREADABLE_LABEL = -2
 
 
 @runtime_checkable
@@ -64,6 +74,7 @@ class MediaLoaders(L.LightningDataModule):
             drop_last=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            collate_fn=drop_unreadable,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -74,6 +85,18 @@ class MediaLoaders(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def drop_unreadable(batch: list[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate ``(media, label)`` items into ``(uint8 [B, ...], int64 [B])``, leaving out items marked :data:`UNREADABLE_LABEL`.
+
+    A batch whose items are all unreadable comes out empty (``B = 0``).
+    """
+    kept = [item for item in batch if int(item[1]) != UNREADABLE_LABEL]
+    if not kept:
+        return torch.empty((0, *batch[0][0].shape), dtype=batch[0][0].dtype), torch.empty(0, dtype=torch.int64)
+    media, labels = default_collate(kept)
+    return media, torch.as_tensor(labels, dtype=torch.int64)
 
 
 def check_split(split: str) -> None:
@@ -91,6 +114,7 @@ def to_unit_float(x: torch.Tensor) -> torch.Tensor:
 # data.name -> (module, class); imported on first use so that image-only runs never import decord.
 DATAMODULES: dict[str, tuple[str, str]] = {
     "fmnist": ("magnets.data.images", "FashionMNISTDataModule"),
+    "imagenet": ("magnets.data.imagenet", "ImageNetDataModule"),
     "ucf101": ("magnets.data.video", "UCF101DataModule"),
     "kinetics600": ("magnets.data.video", "Kinetics600DataModule"),
     "moving_fmnist": ("magnets.data.moving_fmnist", "MovingFMNISTDataModule"),

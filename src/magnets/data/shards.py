@@ -1,21 +1,30 @@
 """Token shards: a directory of ``tokens.npy`` (uint16 ``[items, tokens]``), ``labels.npy`` and ``meta.json``.
 
+A split is a directory of numbered shards, ``<split>/shard-00000/``,
+``shard-00001/`` ... (``magnets.data.tokenization`` writes them), read as
+one dataset: the shards' rows concatenated in shard order, each shard
+memory-mapped. A split written as a single shard (``meta.json`` directly in
+the split's directory, e.g. made by hand with :func:`write_shard`) reads the
+same way.
+
 Shards are written atomically: everything goes into a hidden temporary
 directory beside the target, which is renamed into place only when complete,
 so an interrupted write never leaves a directory that looks like a shard.
 Readers check ``meta.json`` against what the model expects and refuse a
-shard that does not match, naming the field.
+shard that does not match, naming the field, and refuse a split whose shards
+are not all there or come from different tokenizations.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,7 +37,20 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from magnets.errors import MismatchError
 from magnets.models.tokenizer import num_tokens
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the shard fields (shard, num_shards, items, split_items, unreadable)
+SHARD_NAME = re.compile(r"shard-(\d{5,})")
+# Fields every shard of one split shares: what was tokenized, how, and into how many shards.
+SPLIT_FIELDS = (
+    "dataset",
+    "split",
+    "grid",
+    "codebook_size",
+    "tokenizer_sha256",
+    "flip_augmented",
+    "media",
+    "num_shards",
+    "split_items",
+)
 
 
 class ShardError(MismatchError):
@@ -50,10 +72,21 @@ class ShardMeta:
     created: str
     format_version: int = FORMAT_VERSION
     media: dict[str, Any] = field(default_factory=dict)  # the datamodule's media_info(): kind, resolution, frames, ...
+    shard: int | None = None  # this shard's index in its split; None: the split as one shard (or the whole split's view)
+    num_shards: int = 1  # shards of the split
+    items: list[int] | None = None  # [start, end): the source items of the split this shard covers (None: not recorded)
+    split_items: int | None = None  # source items in the whole split
+    # Source items left out because they could not be read: {"index", "path", "reason"} each.
+    unreadable: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def tokens_per_item(self) -> int:
         return num_tokens(self.grid)
+
+
+def shard_name(index: int) -> str:
+    """The directory name of a split's shard ``index``: ``shard-00000``."""
+    return f"shard-{index:05d}"
 
 
 def utc_now() -> str:
@@ -98,7 +131,8 @@ def write_shard(
     return target
 
 
-def read_meta(directory: str | Path) -> ShardMeta:
+def read_shard_meta(directory: str | Path) -> ShardMeta:
+    """The ``meta.json`` of one shard directory."""
     path = Path(directory) / "meta.json"
     if not path.is_file():
         raise ShardError(f"{directory} is not a token shard: {path.name} is missing (tokenize the split first: make tokenize)")
@@ -107,6 +141,74 @@ def read_meta(directory: str | Path) -> ShardMeta:
         return ShardMeta(**fields)
     except (json.JSONDecodeError, TypeError) as err:
         raise ShardError(f"{path} is not a valid shard meta.json ({err})") from err
+
+
+def shard_dirs(split_dir: str | Path) -> dict[int, Path]:
+    """The numbered shard directories in ``split_dir`` by index (hidden temporaries of unfinished writes are not)."""
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        return {}
+    found = {}
+    for path in split_dir.iterdir():
+        match = SHARD_NAME.fullmatch(path.name)
+        if match and path.is_dir():
+            found[int(match[1])] = path
+    return dict(sorted(found.items()))
+
+
+def split_shards(directory: str | Path) -> list[tuple[Path, ShardMeta]]:
+    """The shards of a split in order, with their metas: one when ``directory`` is itself a shard.
+
+    Refuses a split with shards missing (``k of n shards present``) or whose
+    shards disagree on a :data:`SPLIT_FIELDS` field (shards of different runs).
+    """
+    directory = Path(directory)
+    if (directory / "meta.json").is_file():
+        return [(directory, read_shard_meta(directory))]
+    found = shard_dirs(directory)
+    if not found:
+        raise ShardError(
+            f"{directory} is not a token shard: meta.json is missing and it holds no shard-NNNNN folders "
+            "(tokenize the split first: make tokenize)"
+        )
+    shards = [(path, read_shard_meta(path)) for path in found.values()]
+    first = shards[0][1]
+    for path, meta in shards[1:]:
+        diffs = [key for key in SPLIT_FIELDS if getattr(meta, key) != getattr(first, key)]
+        if diffs:
+            raise ShardError(
+                f"{path} and {shards[0][0]} differ in {', '.join(diffs)}: the split mixes shards of different tokenize runs; "
+                "rerun tokenize (python -m magnets.tokenize) to rewrite the stale ones"
+            )
+    n = first.num_shards
+    missing = [shard_name(i) for i in range(n) if i not in found]
+    if missing or len(found) != n:
+        extra = sorted(set(found) - set(range(n)))
+        what = f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}" if missing else f"extra {extra[:5]}"
+        raise ShardError(
+            f"{directory}: {len(set(found) & set(range(n)))} of {n} shards present ({what}): the split is incomplete; "
+            "rerun tokenize (python -m magnets.tokenize, or make train) to write the missing shards"
+        )
+    return shards
+
+
+def split_meta(shards: list[ShardMeta]) -> ShardMeta:
+    """The meta of a whole split: its first shard's, with the split's total count, item range and unreadable items."""
+    if len(shards) == 1 and shards[0].shard is None:
+        return shards[0]
+    first = shards[0]
+    return replace(
+        first,
+        count=sum(meta.count for meta in shards),
+        shard=None,
+        items=[0, first.split_items] if first.split_items is not None else None,
+        unreadable=[entry for meta in shards for entry in meta.unreadable],
+    )
+
+
+def read_meta(directory: str | Path) -> ShardMeta:
+    """The meta of a shard, or of a split of shards (:func:`split_meta`)."""
+    return split_meta([meta for _, meta in split_shards(directory)])
 
 
 def check_meta(meta: ShardMeta, directory: str | Path, expected: dict[str, object]) -> None:
@@ -120,16 +222,10 @@ def check_meta(meta: ShardMeta, directory: str | Path, expected: dict[str, objec
         raise ShardError(f"token shard {directory} does not match: " + "; ".join(diffs))
 
 
-def open_shard(directory: str | Path, **expected: object) -> tuple[np.memmap, np.ndarray, ShardMeta]:
-    """Tokens (read-only memmap ``[count, tokens]``), labels ``[count]`` and meta of a shard.
-
-    ``expected`` names meta fields that must match, e.g.
-    ``open_shard(d, codebook_size=512, grid=[8, 8])``.
-    """
-    meta = read_meta(directory)
-    check_meta(meta, directory, expected)
-    tokens = np.load(Path(directory) / "tokens.npy", mmap_mode="r")
-    labels = np.load(Path(directory) / "labels.npy", mmap_mode="r")
+def _open_one(directory: Path, meta: ShardMeta) -> tuple[np.memmap, np.memmap]:
+    """Tokens and labels memmaps of one shard, checked against its meta."""
+    tokens = np.load(directory / "tokens.npy", mmap_mode="r")
+    labels = np.load(directory / "labels.npy", mmap_mode="r")
     if tokens.dtype != np.uint16 or tokens.shape != (meta.count, meta.tokens_per_item):
         raise ShardError(
             f"{directory}/tokens.npy is {tokens.dtype} {list(tokens.shape)}, "
@@ -137,11 +233,101 @@ def open_shard(directory: str | Path, **expected: object) -> tuple[np.memmap, np
         )
     if labels.shape != (meta.count,):
         raise ShardError(f"{directory}/labels.npy has shape {list(labels.shape)}, meta.json says [{meta.count}]")
-    return tokens, labels, meta
+    return tokens, labels
+
+
+def open_shard(
+    directory: str | Path, **expected: object
+) -> tuple[np.ndarray | ConcatenatedRows, np.ndarray | ConcatenatedRows, ShardMeta]:
+    """Tokens ``[count, tokens]`` (read-only), labels ``[count]`` and meta of a shard or of a split of shards.
+
+    One shard gives its memmaps; several give :class:`ConcatenatedRows` over
+    theirs (rows in shard order). ``expected`` names meta fields that every
+    shard must match, e.g. ``open_shard(d, codebook_size=512, grid=[8, 8])``.
+    """
+    shards = split_shards(directory)
+    parts = []
+    for path, meta in shards:
+        check_meta(meta, path, expected)
+        parts.append(_open_one(path, meta))
+    meta = split_meta([meta for _, meta in shards])
+    if len(parts) == 1:
+        return parts[0][0], parts[0][1], meta
+    return ConcatenatedRows([t for t, _ in parts]), ConcatenatedRows([lab for _, lab in parts]), meta
+
+
+class ConcatenatedRows:
+    """Several arrays (shards' memmaps) read as one along their first axis, without copying them.
+
+    Indexing takes what the readers of a shard use: an int, a slice, an int
+    or boolean array, each optionally followed by indices of the other axes
+    (``rows[idx]``, ``rows[:8, :given]``); ``np.asarray(rows)`` concatenates.
+    """
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        if not parts or any(p.shape[1:] != parts[0].shape[1:] or p.dtype != parts[0].dtype for p in parts):
+            raise ValueError("ConcatenatedRows needs one or more arrays of one dtype and row shape")
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])  # [P + 1]: part p holds rows offsets[p] .. offsets[p+1]-1
+        self.shape = (int(self.offsets[-1]), *parts[0].shape[1:])
+        self.dtype = parts[0].dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        rows = np.concatenate(self.parts)
+        return rows if dtype is None else rows.astype(dtype)
+
+    def __getitem__(self, key: Any) -> Any:
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if isinstance(rows, int | np.integer):
+            index = int(rows) + (len(self) if rows < 0 else 0)
+            if not 0 <= index < len(self):
+                raise IndexError(f"row {rows} is out of range for {len(self)} rows")
+            part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+            return self.parts[part][(index - int(self.offsets[part]), *rest)]
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(len(self))
+            out = self._slice(start, stop) if step == 1 else self._take(np.arange(start, stop, step))
+        else:
+            index = np.asarray(rows)
+            out = self._take(np.flatnonzero(index) if index.dtype == bool else index.astype(np.int64))
+        return out[(slice(None), *rest)] if rest else out
+
+    def _slice(self, start: int, stop: int) -> np.ndarray:
+        pieces = []
+        for part, (first, end) in enumerate(zip(self.offsets[:-1], self.offsets[1:], strict=True)):
+            low, high = max(start, int(first)), min(stop, int(end))
+            if low < high:
+                pieces.append(self.parts[part][low - first : high - first])
+        if len(pieces) == 1:
+            return pieces[0]
+        return np.concatenate(pieces) if pieces else np.empty((0, *self.shape[1:]), self.dtype)
+
+    def _take(self, index: np.ndarray) -> np.ndarray:
+        index = np.where(index < 0, index + len(self), index)  # [K]
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        part_of = np.searchsorted(self.offsets, index, side="right") - 1  # [K]: the part holding each row
+        out = np.empty((len(index), *self.shape[1:]), self.dtype)
+        for part in np.unique(part_of):
+            mask = part_of == part
+            out[mask] = self.parts[part][index[mask] - self.offsets[part]]
+        return out
 
 
 class TokenDataset(Dataset):
-    """Items of a shard as ``(tokens int64 [N], label int64)``."""
+    """Items of a shard, or of a split of shards, as ``(tokens int64 [N], label int64)``.
+
+    ``tokens`` and ``labels`` index like arrays (memmaps, or
+    :class:`ConcatenatedRows` over several shards); ``meta`` is the split's
+    (:func:`split_meta`).
+    """
 
     def __init__(self, directory: str | Path, **expected: object) -> None:
         self.tokens, self.labels, self.meta = open_shard(directory, **expected)
@@ -207,7 +393,7 @@ class SeededTokenBatches(IterableDataset):
 
 
 class TokenDataModule(L.LightningDataModule):
-    """Token shards ``<root>/<split>`` for ``train``, ``val`` and ``test``, checked against the model.
+    """Token splits ``<root>/<split>`` (directories of shards, or one shard each), checked against the model.
 
     Training batches are :class:`SeededTokenBatches`, resumable at any step;
     evaluation batches walk the split in order.
@@ -246,7 +432,8 @@ class TokenDataModule(L.LightningDataModule):
             self.dataset("train"),
             self.batch_size,
             self.seed,
-            start_step=(lambda: trainer.global_step) if trainer is not None else (lambda: 0),
+            # Batches already consumed: with gradient accumulation, several per optimizer step.
+            start_step=(lambda: trainer.global_step * trainer.accumulate_grad_batches) if trainer is not None else (lambda: 0),
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
         )
