@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import compose_config
 from magnets.data.shards import open_shard
+from magnets.errors import ConfigError
 from magnets.files import file_sha256
 from magnets.lit.tokenizer import TokenizerModule
 from magnets.pipeline import train
@@ -57,7 +58,7 @@ def test_train_then_rerun_skips(tiny_cfg):
     assert gflops["magnets_3333"] < gflops["maskgit_12"]
     assert Path(tiny_cfg.classifier.path).is_file()
 
-    mtimes = {p: p.stat().st_mtime_ns for p in [ckpt] + [out["shards"][s] / "tokens.npy" for s in counts]}
+    mtimes = {p: p.stat().st_mtime_ns for p in [ckpt] + [out["shards"][s] / "shard-00000" / "tokens.npy" for s in counts]}
     tiny_cfg.maskgit.trainer.max_steps = 0  # second run: tokenizer and shards up to date
     train(tiny_cfg)
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
@@ -102,7 +103,17 @@ def test_crashed_tokenizer_training_resumes_where_it_stopped(tiny_cfg, monkeypat
 
 @pytest.mark.parametrize("experiment", ["imagenet_s", "imagenet_b"])
 def test_paper_scale_presets_fail_fast_naming_the_missing_shards(experiment, tmp_path):
-    cfg = compose_config([f"experiment={experiment}", f"paths.data={tmp_path / 'data'}", f"run_dir={tmp_path / 'run'}"])
+    paths = [f"paths.data={tmp_path / 'data'}", f"run_dir={tmp_path / 'run'}"]
+    shards_only = ["data.pretokenized=true", "sample_validation.enabled=false"]  # no JPEG folders
+    cfg = compose_config([f"experiment={experiment}", *paths, *shards_only])
     with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/data/imagenet/tokens/train, .*/tokens/val holds none"):
         train(cfg)
     assert not (tmp_path / "run").exists()  # failed before any work
+
+
+@pytest.mark.parametrize("experiment", ["imagenet_s", "imagenet_b"])
+def test_paper_scale_presets_without_the_vqgan_weights_say_which_key_to_set(experiment, tmp_path):
+    cfg = compose_config([f"experiment={experiment}", f"paths.runs={tmp_path / 'runs'}", f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"tokenizer.weights=None is not valid; valid: the path of the maskgit_vqgan weights"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

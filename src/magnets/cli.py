@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -25,7 +26,7 @@ from magnets.lit.maskgit import DISTILL_MODES
 from magnets.masking import MASK_SCHEDULES
 from magnets.metrics.extractors import EXTRACTORS
 from magnets.models.kv_cache import CACHE_MODES
-from magnets.models.tokenizer import TOKENIZER_KINDS, tokenizer_config
+from magnets.models.tokenizer import PRETRAINED_KINDS, TOKENIZER_KINDS, tokenizer_config
 from magnets.models.transformer import MODEL_SIZES
 from magnets.pipeline import LOGGERS
 from magnets.runs import resume_checkpoint
@@ -104,6 +105,10 @@ def check_tokenizer(tokenizer: Mapping[str, Any], key: str = "tokenizer") -> Non
         tokenizer_config(tokenizer["kind"], tokenizer["model"])
     except ValueError as err:
         raise ConfigError(f"{key}.model", dict(tokenizer["model"]), f"a valid {tokenizer['kind']} config ({err})") from err
+    weights = tokenizer.get("weights")
+    if weights is not None and (tokenizer["kind"] not in PRETRAINED_KINDS or not Path(weights).is_file()):
+        valid = f"an existing {tokenizer['kind']} weights file" if tokenizer["kind"] in PRETRAINED_KINDS else "null"
+        raise ConfigError(f"{key}.weights", weights, f"{valid} (pretrained kinds: {sorted(PRETRAINED_KINDS)})")
 
 
 def check_data(data: Mapping[str, Any], key: str = "data") -> None:
@@ -142,7 +147,7 @@ def check_tokenizer_fits_data(cfg: DictConfig) -> None:
 
 
 def check_tokenize(tokenize: Mapping[str, Any], key: str = "tokenize") -> None:
-    """The ``tokenize`` section: splits, mirrored splits, batch size, device, workers."""
+    """The ``tokenize`` section: splits, mirrored splits, batch size, device, workers, shard size, rank and world size."""
     for name in ("splits", "flip_splits"):
         for split in tokenize[name]:
             check_choice(f"{key}.{name}", split, SPLITS)
@@ -153,8 +158,17 @@ def check_tokenize(tokenize: Mapping[str, Any], key: str = "tokenize") -> None:
         )
     check_positive_int(f"{key}.batch_size", tokenize["batch_size"])
     check_device(tokenize["device"], key=f"{key}.device")
-    if isinstance(tokenize["num_workers"], bool) or not isinstance(tokenize["num_workers"], int) or tokenize["num_workers"] < 0:
-        raise ConfigError(f"{key}.num_workers", tokenize["num_workers"], "a non-negative integer")
+    workers = tokenize["num_workers"]
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ConfigError(f"{key}.num_workers", workers, "null (the datamodule's num_workers) or a non-negative integer")
+    check_positive_int(f"{key}.items_per_shard", tokenize["items_per_shard"])
+    rank, world_size = tokenize["rank"], tokenize["world_size"]
+    if rank is None and world_size is None:
+        return  # the launcher's (magnets.data.tokenization.process_rank)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"{key}.world_size", world_size, f"a positive integer, or null together with {key}.rank")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ConfigError(f"{key}.rank", rank, f"an integer in [0, {key}.world_size={world_size}), or null with {key}.world_size")
 
 
 def check_train_config(cfg: DictConfig) -> None:
@@ -182,6 +196,13 @@ def check_train_config(cfg: DictConfig) -> None:
     if cfg.sample_validation.enabled:
         for name in cfg.sample_validation.schedules:
             check_schedule(name, key="sample_validation.schedules")
+        check_choice("sample_validation.extractor", cfg.sample_validation.extractor, ["domain", *sorted(EXTRACTORS)])
+        check_positive_int("sample_validation.reference_count", cfg.sample_validation.reference_count)
+        npz = cfg.sample_validation.reference_npz
+        if npz is not None and not Path(npz).is_file():
+            raise ConfigError(
+                "sample_validation.reference_npz", npz, "null or an existing .npz of reference statistics (mu, sigma)"
+            )
         check_positive_int("sample_validation.samples", cfg.sample_validation.samples)
         check_positive_int("sample_validation.batch_size", cfg.sample_validation.batch_size)
 
@@ -222,3 +243,9 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     if cfg.extractor.name == "i3d_torchscript" and not cfg.extractor.path:
         raise ConfigError("extractor.path", None, "the I3D TorchScript file i3d_torchscript.pt (StyleGAN-V's FVD detector)")
     check_choice("reference.split", cfg.reference.split, SPLITS)
+    check_positive_int("chunk_size", cfg.chunk_size)
+    check_positive_int("is_splits", cfg.is_splits)
+    check_choice("keep_samples", cfg.keep_samples, [True, False])
+    if cfg.reference.npz is not None and not Path(cfg.reference.npz).is_file():
+        valid = "null or an existing .npz of reference statistics (ADM's mu, sigma; or mean, cov, count)"
+        raise ConfigError("reference.npz", cfg.reference.npz, valid)

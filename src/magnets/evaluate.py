@@ -50,11 +50,9 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from magnets.cli import check_evaluate_config, run_entry
-from magnets.data.base import build_datamodule
 from magnets.data.shards import TokenDataset
 from magnets.errors import ConfigError
 from magnets.evaluation import (
@@ -67,6 +65,7 @@ from magnets.evaluation import (
     generate_samples,
     grid_columns,
     measure_samples,
+    split_reference,
 )
 from magnets.files import file_sha256
 from magnets.lit.maskgit import load_maskgit
@@ -80,7 +79,7 @@ from magnets.metrics.extractors import (
     frechet_label,
     frechet_metric_name,
 )
-from magnets.metrics.fid import FeatureExtractor, FeatureStats, resolve_reference
+from magnets.metrics.fid import FeatureExtractor, FeatureStats
 from magnets.runs import resolve_checkpoint, shard_dir, tokenizer_of_run
 from magnets.sampling import SamplingSettings, load_schedule
 from magnets.task import Task
@@ -155,24 +154,13 @@ def build_feature_extractor(name: str, path: str | None, classifier: Path, devic
     return extractor.to(device).eval()
 
 
-def media_key(data_cfg: dict[str, Any]) -> str:
-    """Dataset part of a reference-statistics cache key: name, frames (clips) and resolution, e.g. ``moving_fmnist_17x32``."""
-    frames = f"_{data_cfg['frames']}x" if data_cfg.get("kind") == "video" else ""
-    return f"{data_cfg['name']}{frames}{data_cfg['image_size']}"
-
-
 def real_reference(run_config: dict[str, Any], cfg: DictConfig, extractor: FeatureExtractor) -> FeatureStats:
     """``reference.npz``'s statistics when given, else the cached ones of the first ``reference.count`` items of the
     real ``reference.split`` (all of it when it has fewer; the cache file is named by the count asked for)."""
-    data_cfg = run_config["data"]
-    split, count = cfg.reference.split, cfg.reference.count
-
-    def items() -> DataLoader:
-        dataset = build_datamodule(data_cfg).dataset(split)
-        return DataLoader(Subset(dataset, range(min(count, len(dataset)))), batch_size=cfg.batch_size)
-
-    cache_dir = Path(cfg.paths.runs, "fid_stats")
-    return resolve_reference(cfg.reference.npz, items, media_key(data_cfg), f"{split}-{count}", extractor, cache_dir)
+    return split_reference(
+        run_config["data"], cfg.reference.split, cfg.reference.count, cfg.reference.npz, extractor,
+        Path(cfg.paths.runs, "fid_stats"), cfg.batch_size,
+    )  # fmt: skip
 
 
 def reference_description(reference: FeatureStats, cfg: DictConfig) -> str:

@@ -30,13 +30,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Subset
 
-from magnets.data.base import to_unit_float
+from magnets.data.base import build_datamodule, drop_unreadable, to_unit_float
 from magnets.data.shards import TokenDataset
 from magnets.errors import MismatchError
 from magnets.files import atomic_write, atomic_write_text
 from magnets.flops import decode_flops_per_sample
-from magnets.metrics.fid import FeatureAccumulator, FeatureExtractor, FeatureStats, frechet_distance
+from magnets.metrics.fid import FeatureAccumulator, FeatureExtractor, FeatureStats, frechet_distance, resolve_reference
 from magnets.models.kv_cache import StepWork, build_tokens_to_logits
 from magnets.models.tokenizer import Tokenizer
 from magnets.models.transformer import NestedTransformer
@@ -437,3 +438,32 @@ def export_adm_npz(chunks: SampleChunks, path: str | Path) -> Path:
         "arr_1": StreamedArray((chunks.samples,), np.dtype(np.int64), labels),
     }
     return atomic_write(path, lambda tmp: write_npz(tmp, arrays))
+
+
+def media_key(data_cfg: Mapping[str, Any]) -> str:
+    """Dataset part of a reference-statistics cache key: name, frames (clips) and resolution, e.g. ``moving_fmnist_17x32``."""
+    frames = f"_{data_cfg['frames']}x" if data_cfg.get("kind") == "video" else ""
+    return f"{data_cfg['name']}{frames}{data_cfg['image_size']}"
+
+
+def split_reference(
+    data_cfg: Mapping[str, Any],
+    split: str,
+    count: int,
+    npz: str | Path | None,
+    extractor: FeatureExtractor,
+    cache_dir: str | Path,
+    batch_size: int,
+) -> FeatureStats:
+    """The real side of FID/FVD: the statistics file ``npz`` when given, else those of the first ``count`` items of
+    ``split`` of the ``data`` config's dataset (all of it when it has fewer), cached in ``cache_dir`` under ``<split>-<count>``.
+
+    Unreadable items (``magnets.data.base.UNREADABLE_LABEL``) are left out.
+    """
+
+    def items() -> DataLoader:
+        dataset = build_datamodule(data_cfg).dataset(split)
+        subset = Subset(dataset, range(min(count, len(dataset))))
+        return DataLoader(subset, batch_size=batch_size, collate_fn=drop_unreadable)
+
+    return resolve_reference(npz, items, media_key(data_cfg), f"{split}-{count}", extractor, cache_dir)

@@ -15,10 +15,10 @@ live in :mod:`magnets.runs`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +37,26 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from magnets.data.base import build_datamodule
-from magnets.data.shards import TokenDataModule, TokenDataset
-from magnets.data.tokenization import tokenize_splits
-from magnets.errors import DataNotFoundError, MismatchError
-from magnets.files import atomic_write_json, atomic_write_text, file_sha256
+from magnets.data.shards import TokenDataModule, TokenDataset, read_meta, shard_dirs
+from magnets.data.tokenization import (
+    ShardWait,
+    TokenizeFailedElsewhere,
+    default_workers,
+    local_device,
+    process_rank,
+    tokenize_splits,
+)
+from magnets.errors import ConfigError, DataNotFoundError, MismatchError
+from magnets.evaluation import split_reference
+from magnets.files import atomic_write, atomic_write_json, atomic_write_text, file_sha256
 from magnets.lit.callbacks import ConfigInCheckpoint
 from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.lit.sampling_validation import SamplingValidation
 from magnets.lit.tokenizer import TokenizerModule, load_tokenizer
 from magnets.metrics.classifier import fit_classifier
-from magnets.metrics.extractors import domain_classifier_features
-from magnets.metrics.fid import feature_stats
-from magnets.models.tokenizer import num_tokens, tokenizer_config
+from magnets.metrics.extractors import CLASSIFIER_EXTRACTORS, EXTRACTORS, build_extractor, domain_classifier_features
+from magnets.metrics.fid import FeatureExtractor
+from magnets.models.tokenizer import PRETRAINED_KINDS, load_pretrained_tokenizer, num_tokens, tokenizer_config
 from magnets.models.transformer import MODEL_SIZES
 from magnets.runs import (
     INTERRUPTED_NAME,
@@ -147,11 +155,48 @@ def fit_stage(trainer: L.Trainer, module: L.LightningModule, datamodule: L.Light
         raise RuntimeError(f"training stopped early ({trainer.state.status}); rerun with resume=last to continue")
 
 
+def import_pretrained_tokenizer(cfg: DictConfig) -> Path:
+    """The tokenizer checkpoint of a pretrained kind: ``tokenizer.weights`` (a public weights file) checked and wrapped once.
+
+    The checkpoint has a trained tokenizer's layout (``hyper_parameters``:
+    kind, model; ``state_dict``: ``model.*``), so tokenization, sampling and
+    evaluation read it like any other; it also records the weights file and
+    its sha256, and another weights file under the same ``tokenizer.dir`` is refused.
+    """
+    final = tokenizer_final_checkpoint(cfg.tokenizer.dir)
+    kind, weights = cfg.tokenizer.kind, cfg.tokenizer.get("weights")
+    model_cfg = OmegaConf.to_container(cfg.tokenizer.model, resolve=True)
+    if final.exists():
+        check_tokenizer_matches(final, kind, model_cfg)
+        saved = torch.load(final, map_location="cpu", weights_only=False)["hyper_parameters"].get("weights_sha256")
+        if weights and saved != file_sha256(weights):
+            raise MismatchError(
+                f"{final} wraps another weights file than tokenizer.weights={weights}: "
+                "give the tokenizer a new tokenizer.name, or delete that checkpoint"
+            )
+        log.info("tokenizer %s exists; using it", final)
+        return final
+    if not weights:
+        raise ConfigError("tokenizer.weights", weights, f"the path of the {kind} weights file ({kind} is not trained here)")
+
+    def write() -> None:
+        model = load_pretrained_tokenizer(kind, model_cfg, weights)
+        hparams = {"kind": kind, "model": model_cfg, "weights": str(weights), "weights_sha256": file_sha256(weights)}
+        state_dict = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
+        atomic_write(final, lambda tmp: torch.save({"hyper_parameters": hparams, "state_dict": state_dict}, tmp))
+        log.info("wrapped %s weights %s as %s", kind, weights, final)
+
+    return written_by_rank_zero(final, write, "tokenizer checkpoint")
+
+
 def fit_tokenizer(cfg: DictConfig) -> Path:
     """Train the tokenizer unless its final checkpoint exists; returns that checkpoint's path.
 
     Also evaluates it on the test split and writes ``metrics.json`` beside it.
+    A pretrained kind (``PRETRAINED_KINDS``) is loaded from ``tokenizer.weights`` instead.
     """
+    if cfg.tokenizer.kind in PRETRAINED_KINDS:
+        return import_pretrained_tokenizer(cfg)
     tok_dir = Path(cfg.tokenizer.dir)
     final = tokenizer_final_checkpoint(tok_dir)
     model_cfg = OmegaConf.to_container(cfg.tokenizer.model, resolve=True)
@@ -212,13 +257,27 @@ def maskgit_model_config(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def fit_classifier_stage(cfg: DictConfig, poll_s: float = 5.0, timeout_s: float = 3600) -> Path:
+def written_by_rank_zero(path: Path, write: Callable[[], None], what: str, poll_s: float = 5.0, timeout_s: float = 3600) -> Path:
+    """Rank 0 calls ``write()``, which leaves ``path`` (atomically); every other process waits for the file."""
+    if rank_zero_only.rank == 0:
+        write()
+        return path
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank_zero_only.rank}: rank 0 wrote no {what} at {path}")
+        time.sleep(poll_s)
+    return path
+
+
+def fit_classifier_stage(cfg: DictConfig) -> Path:
     """Train the data's classifier (class accuracy and domain FID of samples) unless ``cfg.classifier.path`` exists."""
     path = Path(cfg.classifier.path)
     if path.is_file():
         log.info("classifier %s exists; skipping its training", path)
         return path
-    if rank_zero_only.rank == 0:
+
+    def write() -> None:
         classifier = fit_classifier(
             build_datamodule(cfg.data),
             path,
@@ -228,21 +287,36 @@ def fit_classifier_stage(cfg: DictConfig, poll_s: float = 5.0, timeout_s: float 
             seed=cfg.seed,
         )
         log.info("classifier test accuracy %.4f, saved to %s", classifier.test_accuracy, path)
-        return path
-    deadline = time.monotonic() + timeout_s  # other processes wait for rank 0's (atomically written) file
-    while not path.is_file():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {rank_zero_only.rank}: rank 0 wrote no classifier at {path}")
-        time.sleep(poll_s)
-    return path
+
+    return written_by_rank_zero(path, write, "classifier")
 
 
-def sampling_validation(cfg: DictConfig, tokenizer_ckpt: Path, classifier_path: Path) -> SamplingValidation:
-    """The validation callback of ``cfg.sample_validation``, with the classifier's statistics of the real split.
+def validation_extractor(cfg: DictConfig, classifier: FeatureExtractor | None) -> FeatureExtractor:
+    """The features of ``sample_validation``'s FID/FVD: the project's ``classifier`` (``extractor: domain``) or a registered
+    extractor (e.g. ``inception_offline``, the paper's FID; ``extractor_path``: weights or detector file)."""
+    options = cfg.sample_validation
+    if options.extractor == "domain":
+        if classifier is None:
+            raise ConfigError(
+                "sample_validation.extractor", "domain", f"a registered extractor: no classifier was trained ({EXTRACTORS})"
+            )
+        return classifier
+    path = options.extractor_path
+    if options.extractor in CLASSIFIER_EXTRACTORS or options.extractor == "i3d_torchscript":
+        return build_extractor(options.extractor, path=path)
+    return build_extractor(options.extractor, **({} if path is None else {"weights_path": path}))
 
-    The classifier's features give FID for images and FVD-domain for clips;
-    under frame prediction the conditioning clips are the reference split's
-    token shard, in order.
+
+def sampling_validation(cfg: DictConfig, tokenizer_ckpt: Path, classifier_path: Path | None) -> SamplingValidation:
+    """The validation callback of ``cfg.sample_validation`` with the reference statistics of the real split.
+
+    FID (images) or FVD (clips) in the features of ``sample_validation.extractor``:
+    ``domain``, the project's classifier (FID-/FVD-domain), or e.g.
+    ``inception_offline``; the real side is ``reference_npz`` (ADM's ``mu``,
+    ``sigma``) or the first ``reference_count`` items of ``reference_split``,
+    cached in ``<paths.runs>/fid_stats``. The classifier, when there is one,
+    also gives the samples' class accuracy. Under frame prediction the
+    conditioning clips are the reference split's token shard, in order.
     """
     options = cfg.sample_validation
     runnable = [name for name in options.schedules if set(load_schedule(name).widths) <= set(cfg.model.widths)]
@@ -251,20 +325,25 @@ def sampling_validation(cfg: DictConfig, tokenizer_ckpt: Path, classifier_path: 
         log.warning(
             "sample_validation: skipping schedules %s, which name widths outside model.widths=%s", skipped, cfg.model.widths
         )
-    classifier = domain_classifier_features(classifier_path)
-    real = build_datamodule(cfg.data)
-    loader = torch.utils.data.DataLoader(real.dataset(options.reference_split), batch_size=options.batch_size)
-    reference = feature_stats(loader, classifier, desc=f"reference {options.reference_split} ({classifier.name})")
+    classifier = domain_classifier_features(classifier_path) if classifier_path is not None else None
+    extractor = validation_extractor(cfg, classifier)
+    if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto"):
+        extractor.to("cuda")  # the real split's features: the Inception over 50,000 images wants the GPU
+    reference = split_reference(
+        OmegaConf.to_container(cfg.data, resolve=True), options.reference_split, options.reference_count,
+        options.reference_npz, extractor, Path(cfg.paths.runs, "fid_stats"), options.batch_size,
+    )  # fmt: skip
     task = experiment_task(cfg)
     condition_shard = TokenDataset(shard_dir(cfg.tokenize.out_dir, options.reference_split)) if task.given_tokens else None
     return SamplingValidation(
         load_tokenizer(tokenizer_ckpt),
-        classifier,
+        extractor,
         reference,
         runnable,
         SamplingSettings.from_config(cfg.decode),
         task,
         condition_shard,
+        classifier=classifier,
         cache=cfg.decode.cache,
         refresh_every=cfg.decode.refresh_every,
         samples=options.samples,
@@ -331,70 +410,78 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def tokenize(cfg: DictConfig) -> dict[str, Path]:
-    """Token shards of the configured splits, with the configured (or the trained) tokenizer checkpoint."""
+def tokenize(cfg: DictConfig, tokenizer_ckpt: Path | None = None, wait: ShardWait | None = None) -> dict[str, Path]:
+    """This process's share of the configured splits' token shards (all of them when it is alone); split -> folder.
+
+    The tokenizer is ``tokenize.checkpoint``, else ``tokenizer_ckpt`` (the
+    tokenizer stage's), else ``<tokenizer.dir>/tokenizer.ckpt``. Shard ``i``
+    is written by rank ``i % world_size`` (``tokenize.rank`` and
+    ``tokenize.world_size``, or the launcher's: :func:`process_rank`);
+    finished shards are skipped. With ``wait`` it returns once every shard of
+    every split exists, the other processes' included.
+    """
+    rank, world_size = process_rank(cfg.tokenize.rank, cfg.tokenize.world_size)
+    workers = cfg.tokenize.num_workers
+    if workers is None:
+        workers = default_workers(OmegaConf.select(cfg, "data.module.num_workers", default=0) or 0)
     return tokenize_splits(
-        checkpoint=cfg.tokenize.checkpoint or tokenizer_final_checkpoint(cfg.tokenizer.dir),
+        checkpoint=cfg.tokenize.checkpoint or tokenizer_ckpt or tokenizer_final_checkpoint(cfg.tokenizer.dir),
         datamodule=build_datamodule(cfg.data),
         dataset_name=cfg.data.name,
         out_dir=cfg.tokenize.out_dir,
         splits=list(cfg.tokenize.splits),
         flip_splits=list(cfg.tokenize.flip_splits),
         batch_size=cfg.tokenize.batch_size,
-        device=resolve_device(cfg.tokenize.device),
-        num_workers=cfg.tokenize.num_workers,
+        device=local_device(resolve_device(cfg.tokenize.device)),
+        num_workers=workers,
+        items_per_shard=cfg.tokenize.items_per_shard,
+        rank=rank,
+        world_size=world_size,
+        wait=wait,
     )
 
 
 def check_pretokenized(cfg: DictConfig) -> None:
-    """Fail fast, naming the path, when a pre-tokenized dataset's shards are not there."""
-    shard_dirs = [shard_dir(cfg.tokenize.out_dir, split) for split in ("train", "val")]
-    missing = [d for d in shard_dirs if not (d / "meta.json").is_file()]
+    """Fail fast, naming the path, when a pre-tokenized dataset's train or val shards are not there or not all there."""
+    split_dirs = [shard_dir(cfg.tokenize.out_dir, split) for split in ("train", "val")]
+    missing = [d for d in split_dirs if not (d / "meta.json").is_file() and not shard_dirs(d)]
     if missing:
         raise DataNotFoundError(
             f"experiment {cfg.name!r} trains on pre-tokenized {cfg.data.name} shards, but {', '.join(map(str, missing))} "
-            "holds none (tokens.npy, labels.npy, meta.json). Write shards of that layout there "
-            "(magnets.data.shards.write_shard), or point tokenize.out_dir=/path/to/shards at where they are."
+            "holds none (shard-NNNNN/ folders of tokens.npy, labels.npy, meta.json, or those three files directly). "
+            "Write shards of that layout there (magnets.data.shards.write_shard), or point tokenize.out_dir=/path/to/shards "
+            "at where they are."
         )
+    for split_dir in split_dirs:
+        read_meta(split_dir)  # refuses a split with shards missing ("k of n shards present") or of mixed runs
 
 
 def tokenize_failed_marker(cfg: DictConfig) -> Path:
-    """The file rank 0 leaves when tokenization fails, so that the processes waiting for its shards stop too."""
+    """The file a process leaves when its tokenization fails, so that the processes waiting for its shards stop too."""
     return Path(cfg.tokenize.out_dir) / ".tokenize_failed"
 
 
 def tokenize_once(cfg: DictConfig, tokenizer_ckpt: Path) -> dict[str, Path]:
-    """Rank 0 writes the token shards; every other process polls for them.
+    """Every process writes its own share of the shards (:func:`tokenize`), then waits until every split is complete.
 
-    Polling rather than a collective barrier: tokenizing a large video split
-    can outlast a process group's timeout. If rank 0 fails, it leaves
-    :func:`tokenize_failed_marker` and the waiting processes raise as well.
+    Under DDP each rank tokenizes shards ``rank, rank + world_size, ...``, so
+    the ranks share the decoding and encoding. Polling the shard folders
+    rather than a collective barrier: tokenizing a large split can outlast a
+    process group's timeout. A process that fails leaves
+    :func:`tokenize_failed_marker` (rank 0 clears it when it starts) and the
+    waiting processes raise as well.
     """
     marker = tokenize_failed_marker(cfg)
-    if rank_zero_only.rank == 0:
+    rank, _ = process_rank(cfg.tokenize.rank, cfg.tokenize.world_size)
+    if rank == 0:
         marker.unlink(missing_ok=True)
-        try:
-            return tokenize(cfg)
-        except BaseException as err:
-            atomic_write_text(marker, f"{type(err).__name__}: {err}\n")
-            raise
-    wait_for_shards(cfg, tokenizer_ckpt)
-    return {split: shard_dir(cfg.tokenize.out_dir, split) for split in cfg.tokenize.splits}
-
-
-def wait_for_shards(cfg: DictConfig, tokenizer_ckpt: Path, poll_s: float = 5.0, timeout_s: float = 24 * 3600) -> None:
-    """Wait until rank 0 has written every configured split's shard with this tokenizer's tokens."""
-    sha = file_sha256(tokenizer_ckpt)
-    marker = tokenize_failed_marker(cfg)
-    deadline = time.monotonic() + timeout_s
-    for split in cfg.tokenize.splits:
-        meta_path = shard_dir(cfg.tokenize.out_dir, split) / "meta.json"
-        while not (meta_path.is_file() and json.loads(meta_path.read_text()).get("tokenizer_sha256") == sha):
-            if marker.is_file():
-                raise RuntimeError(f"rank {rank_zero_only.rank}: rank 0 failed to tokenize ({marker.read_text().strip()})")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"rank {rank_zero_only.rank}: no shard with tokenizer {sha[:12]} at {meta_path.parent}")
-            time.sleep(poll_s)
+    try:
+        return tokenize(cfg, tokenizer_ckpt, wait=ShardWait(marker))
+    except TokenizeFailedElsewhere:
+        raise
+    except BaseException as err:
+        atomic_write_text(marker, f"rank {rank}: {type(err).__name__}: {err}\n")
+        raise
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -414,8 +501,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         out["tokenizer"] = fit_tokenizer(cfg)
         if "tokenize" in stages:
             out["shards"] = tokenize_once(cfg, out["tokenizer"])
-        if "classifier" in stages and cfg.sample_validation.enabled:
-            callbacks.append(sampling_validation(cfg, out["tokenizer"], fit_classifier_stage(cfg)))
+        # The classifier gives class accuracy and the features of extractor=domain; stages without it validate with
+        # another extractor only.
+        with_classifier = "classifier" in stages
+        if cfg.sample_validation.enabled and (with_classifier or cfg.sample_validation.extractor != "domain"):
+            classifier = fit_classifier_stage(cfg) if with_classifier else None
+            callbacks.append(sampling_validation(cfg, out["tokenizer"], classifier))
     if "maskgit" in stages:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         out["maskgit"] = fit_maskgit(cfg, callbacks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,11 +23,13 @@ class SamplingValidation(L.Callback):
     """After every ``every_n``-th validation, decode ``samples`` samples with each schedule and measure them.
 
     Logs ``val/<metric>/<schedule>``, where ``metric`` is ``fid`` for images
-    and ``fvd`` for clips (the Fréchet distance of the ``classifier``'s
-    features against the ``reference`` statistics of the real split),
-    ``val/class_acc/<schedule>`` (the classifier's accuracy on the samples,
-    against the classes asked for or, under frame prediction, the real
-    clips' classes) and ``val/gflops/<schedule>``; media per schedule
+    and ``fvd`` for clips (the Fréchet distance of the ``extractor``'s
+    features against the ``reference`` statistics of the real split: the
+    project's classifier, or e.g. the Inception), ``val/inception_score/<schedule>``
+    when the extractor has class logits, ``val/class_acc/<schedule>`` (the
+    ``classifier``'s accuracy on the samples, against the classes asked for
+    or, under frame prediction, the real clips' classes; NaN without a
+    classifier) and ``val/gflops/<schedule>``; media per schedule
     (``val/samples/<schedule>``: image grids with one column per class, or
     clip frame strips) and per width (``val/samples_width/p<p>``: every step
     at that width); and, when training ends, the hyperparameters with the
@@ -39,12 +42,13 @@ class SamplingValidation(L.Callback):
     def __init__(
         self,
         tokenizer: Tokenizer,
-        classifier: FeatureExtractor,
+        extractor: FeatureExtractor,
         reference: FeatureStats,
         schedules: Sequence[str],
         settings: SamplingSettings,
         task: Task,
         condition_shard: TokenDataset | None = None,
+        classifier: FeatureExtractor | None = None,
         cache: str = "refresh_on_switch",
         refresh_every: int = 2,
         samples: int = 500,
@@ -53,20 +57,21 @@ class SamplingValidation(L.Callback):
         width_grids: bool = True,
         seed: int = 0,
     ) -> None:
-        self.tokenizer, self.classifier, self.reference = tokenizer.eval(), classifier.eval(), reference
+        self.tokenizer, self.extractor, self.reference = tokenizer.eval(), extractor.eval(), reference
+        self.classifier = classifier.eval() if classifier is not None else None
         self.schedules = [load_schedule(name) for name in schedules]
         self.settings, self.cache, self.refresh_every = settings, cache, refresh_every
         self.task, self.condition_shard = task, condition_shard
         self.samples, self.batch_size, self.every_n = samples, batch_size, every_n
         self.width_grids, self.seed = width_grids, seed
-        self.metric = frechet_metric_name(classifier)
+        self.metric = frechet_metric_name(extractor)
         self.validations = 0
         self.last_metrics: dict[str, float] = {}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         experiment = getattr(trainer.logger, "experiment", None)
         if trainer.is_global_zero and experiment is not None and hasattr(experiment, "add_text"):
-            experiment.add_text(f"val/{self.metric}/about", frechet_label(self.classifier), 0)
+            experiment.add_text(f"val/{self.metric}/about", frechet_label(self.extractor), 0)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -76,22 +81,28 @@ class SamplingValidation(L.Callback):
             return
         model, device = pl_module.model, pl_module.device
         self.tokenizer.to(device)
-        self.classifier.to(device)
+        self.extractor.to(device)
+        if self.classifier is not None:
+            self.classifier.to(device)
         classes = model.cfg.num_classes
         conditions = decode_conditions(self.task, self.samples, classes, device, self.condition_shard)
         experiment = getattr(trainer.logger, "experiment", None)
         columns = grid_columns(self.task, classes)
         for schedule in self.schedules:
             width_per_step = schedule.width_per_step(model.cfg.widths)
+            classify = self.classifier.logits if self.classifier is not None else None
             quality = measure_samples(
-                self._generate(pl_module, conditions, width_per_step), model, self.classifier, self.reference,
-                self.classifier.logits, keep_images=2 * columns,
+                self._generate(pl_module, conditions, width_per_step), model, self.extractor, self.reference,
+                classify, keep_images=2 * columns,
             )  # fmt: skip
             metrics = {
                 f"val/{self.metric}/{schedule.name}": quality.frechet,
-                f"val/class_acc/{schedule.name}": quality.class_acc,
                 f"val/gflops/{schedule.name}": quality.gflops_per_sample,
             }
+            if self.classifier is not None:
+                metrics[f"val/class_acc/{schedule.name}"] = quality.class_acc
+            if not math.isnan(quality.inception_score):
+                metrics[f"val/inception_score/{schedule.name}"] = quality.inception_score
             pl_module.log_dict(metrics, rank_zero_only=True)
             self.last_metrics.update(metrics)
             self._add_media(experiment, f"val/samples/{schedule.name}", quality.first_images, columns, trainer)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -56,6 +57,22 @@ TOKENIZER_KINDS: dict[str, tuple[str, str, str]] = {
     "causal3d": ("magnets.models.video_tokenizer", "CausalTokenizerConfig", "CausalVideoTokenizer"),
     "maskgit_vqgan": ("magnets.models.maskgit_vqgan", "MaskGITVQGANConfig", "MaskGITVQGAN"),
 }
+
+
+# Kinds this project does not train (their training needs losses it does not have): kind -> (module, weights loader).
+# The loader ``load(model, path) -> model`` fills a model built from the config with a public weights file.
+PRETRAINED_KINDS: dict[str, tuple[str, str]] = {
+    "maskgit_vqgan": ("magnets.models.maskgit_vqgan", "load_maskgit_vqgan_weights"),
+}
+
+
+def load_pretrained_tokenizer(kind: str, model: Mapping[str, Any], weights: str | Path) -> nn.Module:
+    """A tokenizer of a :data:`PRETRAINED_KINDS` kind with architecture ``model``, its weights read from ``weights``."""
+    if kind not in PRETRAINED_KINDS:
+        raise ValueError(f"tokenizer kind {kind!r} is trained here, not loaded; pretrained kinds: {sorted(PRETRAINED_KINDS)}")
+    module_name, loader_name = PRETRAINED_KINDS[kind]
+    load = getattr(importlib.import_module(module_name), loader_name)
+    return load(build_tokenizer(kind, model), weights)
 
 
 def tokenizer_classes(kind: str) -> tuple[type, type[nn.Module]]:
