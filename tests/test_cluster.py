@@ -16,7 +16,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF_DIR, compose_config
+from magnets.cli import check_train_config
 from magnets.data import fashion_mnist
+from magnets.errors import ConfigError
 from magnets.pipeline import PREEMPTED_EXIT_STATUS, train
 from magnets.runs import own_resume_checkpoint
 
@@ -90,3 +92,9 @@ def test_trainer_presets_and_the_slurm_launcher_compose():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.tasks_per_node, launcher.max_num_timeout) == (4, 3)  # one task per GPU; resubmitted when preempted
+
+
+def test_fsdp_on_cpus_is_refused_before_any_stage_runs(tmp_path):
+    cfg = compose_config(["trainer=fsdp", "trainer.accelerator=cpu", f"paths.runs={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"trainer.accelerator='cpu' is not valid; valid: gpu or auto: Lightning's FSDP"):
+        check_train_config(cfg)

@@ -174,6 +174,8 @@ def check_tokenize(tokenize: Mapping[str, Any], key: str = "tokenize") -> None:
 def check_train_config(cfg: DictConfig) -> None:
     """Everything ``python -m magnets.train`` reads, before any stage starts."""
     check_stages(cfg.stages)
+    if cfg.trainer.strategy == "fsdp" and cfg.trainer.accelerator == "cpu":
+        raise ConfigError("trainer.accelerator", "cpu", "gpu or auto: Lightning's FSDP runs on CUDA only (trainer=ddp on CPUs)")
     if cfg.data.pretokenized and cfg.sample_validation.enabled:
         raise ConfigError(
             "sample_validation.enabled", True, f"false: {cfg.data.name} is pre-tokenized, so there are no images to validate on"

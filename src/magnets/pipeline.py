@@ -147,7 +147,10 @@ def fit_stage(trainer: L.Trainer, module: L.LightningModule, datamodule: L.Light
     """
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SIGTERMException:
+    except BaseException as err:
+        # A scheduler signals every process of the job: DataLoader workers may die of it before the loop stops.
+        if not (isinstance(err, SIGTERMException) or trainer.received_sigterm):
+            raise
         stage_dir = checkpoint_dir(trainer.default_root_dir)
         log.error("stopped by SIGTERM at step %d; checkpoint in %s (rerun to resume)", trainer.global_step, stage_dir)
         raise SystemExit(PREEMPTED_EXIT_STATUS) from None
@@ -503,9 +506,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             out["shards"] = tokenize_once(cfg, out["tokenizer"])
         # The classifier gives class accuracy and the features of extractor=domain; stages without it validate with
         # another extractor only.
-        with_classifier = "classifier" in stages
-        if cfg.sample_validation.enabled and (with_classifier or cfg.sample_validation.extractor != "domain"):
-            classifier = fit_classifier_stage(cfg) if with_classifier else None
+        with_classifier = "classifier" in stages and cfg.sample_validation.enabled
+        classifier = fit_classifier_stage(cfg) if with_classifier else None
+        validates = "maskgit" in stages and cfg.sample_validation.enabled
+        if validates and (with_classifier or cfg.sample_validation.extractor != "domain"):
             callbacks.append(sampling_validation(cfg, out["tokenizer"], classifier))
     if "maskgit" in stages:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
