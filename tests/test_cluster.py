@@ -16,6 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF_DIR, compose_config
+from magnets import evaluation
 from magnets.cli import check_train_config
 from magnets.data import fashion_mnist
 from magnets.errors import ConfigError
@@ -98,3 +99,20 @@ def test_fsdp_on_cpus_is_refused_before_any_stage_runs(tmp_path):
     cfg = compose_config(["trainer=fsdp", "trainer.accelerator=cpu", f"paths.runs={tmp_path}"])
     with pytest.raises(ConfigError, match=r"trainer.accelerator='cpu' is not valid; valid: gpu or auto: Lightning's FSDP"):
         check_train_config(cfg)
+
+
+def test_bf16_mixed_training_validates_with_the_transformer_decoding_under_bf16(tiny_cfg, monkeypatch):
+    """The GPU presets' precision, run on the CPU: training steps and the validation decode under bf16 autocast."""
+    seen: list[torch.dtype | None] = []
+    generate = evaluation.generate_samples
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("autocast_dtype"))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr("magnets.lit.sampling_validation.generate_samples", recording)
+    tiny_cfg.trainer.precision = "bf16-mixed"
+    out = train(tiny_cfg)
+    assert seen and set(seen) == {torch.bfloat16}
+    callback = next(c for c in out["maskgit"]["module"].trainer.callbacks if type(c).__name__ == "SamplingValidation")
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in callback.last_metrics.items() if k.startswith("val/fid/"))

@@ -3,12 +3,16 @@
 The paper protocol (reference files, Inception Score, resumable chunks) is tested in test_fid_protocol.py."""
 
 import csv
+import json
 import multiprocessing
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF_DIR
+from magnets.cli import check_evaluate_config
+from magnets.errors import ConfigError
 from magnets.evaluate import RESULT_COLUMNS, append_result, evaluate
 from magnets.pipeline import train
 
@@ -64,3 +68,21 @@ def test_evaluate_appends_a_row_with_fid_accuracy_gflops_and_a_grid(tiny_cfg, tm
     assert cached["gflops_per_sample"] < baseline["gflops_per_sample"]
     assert (tmp_path / "runs" / "fmnist" / rows[0]["grid"]).is_file()
     assert rows[0]["git_commit"] != ""
+
+
+def test_evaluate_decodes_in_bfloat16_and_runs_without_a_classifier(tiny_cfg, tmp_path):
+    train(tiny_cfg)
+    runs = tiny_cfg.paths.runs
+    Path(tiny_cfg.classifier.path).unlink()  # a run with no project classifier (as ImageNet's): no class accuracy
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        base = [f"paths.runs={runs}", "samples=20", "batch_size=10", "reference.count=40", "extractor=inception_offline"]
+        fp32 = evaluate(compose("evaluate", overrides=base))
+        bf16 = evaluate(compose("evaluate", overrides=[*base, "dtype=bfloat16"]))
+        with pytest.raises(ConfigError, match=r"dtype='int8' is not valid; valid: float32, bfloat16, float16"):
+            check_evaluate_config(compose("evaluate", overrides=[*base, "dtype=int8"]))
+    assert fp32["class_acc"] == bf16["class_acc"] == ""
+    assert bf16["fid"] > 0 and bf16["gflops_per_sample"] == fp32["gflops_per_sample"]
+    folders = sorted(p for p in Path(runs, "fmnist", "samples_cache").iterdir() if p.is_dir())
+    assert len(folders) == 2  # the dtype is part of what determines the samples
+    dtypes = {json.loads((folder / "settings.json").read_text())["dtype"] for folder in folders}
+    assert dtypes == {"float32", "bfloat16"}

@@ -52,12 +52,11 @@ from magnets.masking import random_training_mask
 from magnets.models.kv_cache import CACHE_MODES, build_tokens_to_logits
 from magnets.models.tokenizer import num_tokens, tokenizer_config
 from magnets.models.transformer import MODEL_SIZES, NestedTransformer, TransformerConfig
-from magnets.sampling import SamplingSettings, decode, load_schedule, shipped_schedules
+from magnets.sampling import DECODE_DTYPES, SamplingSettings, decode, load_schedule, shipped_schedules
 
 log = logging.getLogger(__name__)
 
 BENCHES = ("decode", "train")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "conf" / "tokenizer"  # the Hydra group `tokenizer`
 
 
@@ -221,9 +220,9 @@ def flops_table(
 
 def bench_decode(cfg: DictConfig) -> dict[str, Any]:
     """Every ``cfg.decode_bench.schedules`` x ``cfg.decode_bench.caches`` against the uncached baseline; the JSON record."""
-    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype] if cfg.dtype in DTYPES else None
+    device, dtype = torch.device(cfg.device), DECODE_DTYPES[cfg.dtype] if cfg.dtype in DECODE_DTYPES else None
     if dtype is None:
-        raise ValueError(f"unknown dtype {cfg.dtype!r}; valid: {list(DTYPES)}")
+        raise ValueError(f"unknown dtype {cfg.dtype!r}; valid: {list(DECODE_DTYPES)}")
     bench = cfg.decode_bench
     geometry = bench_geometry(cfg)
     model_cfg = bench_model_config(cfg.model.size, geometry, list(cfg.model.widths))
@@ -414,7 +413,7 @@ def print_train(result: dict[str, Any], path: Path) -> None:
 def check_bench_config(cfg: DictConfig) -> None:
     check_choice("bench", cfg.bench, BENCHES)
     bench_geometry(cfg)
-    check_choice("dtype", cfg.dtype, list(DTYPES))
+    check_choice("dtype", cfg.dtype, list(DECODE_DTYPES))
     check_model(cfg.model)
     check_choice("flops_model", cfg.flops_model, list(MODEL_SIZES))
     flops_dim = MODEL_SIZES[cfg.flops_model]["dim"]

@@ -30,7 +30,7 @@ from magnets.models.tokenizer import PRETRAINED_KINDS, TOKENIZER_KINDS, tokenize
 from magnets.models.transformer import MODEL_SIZES
 from magnets.pipeline import LOGGERS
 from magnets.runs import resume_checkpoint
-from magnets.sampling import GUIDANCE_RAMPS, load_schedule, shipped_schedules
+from magnets.sampling import DECODE_DTYPES, GUIDANCE_RAMPS, load_schedule, shipped_schedules
 from magnets.task import build_task
 
 T = TypeVar("T")
@@ -215,6 +215,7 @@ def check_decode_entry(cfg: DictConfig) -> None:
     check_decode(cfg.decode)
     check_positive_int("batch_size", cfg.batch_size)
     check_device(cfg.device)
+    check_choice("dtype", cfg.dtype, list(DECODE_DTYPES))
 
 
 def check_device(device: str, key: str = "device") -> None:

@@ -81,7 +81,7 @@ from magnets.metrics.extractors import (
 )
 from magnets.metrics.fid import FeatureExtractor, FeatureStats
 from magnets.runs import resolve_checkpoint, shard_dir, tokenizer_of_run
-from magnets.sampling import SamplingSettings, load_schedule
+from magnets.sampling import DECODE_DTYPES, SamplingSettings, load_schedule
 from magnets.task import Task
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,7 @@ def sample_settings(
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,  # each batch draws its own random numbers: another size, other samples
         "device": device.type,  # CPU and GPU draw other random numbers from one seed
+        "dtype": cfg.dtype,
     }
 
 
@@ -207,15 +208,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = torch.device(cfg.device)
     checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.paths.runs, cfg.name)
     model, task, run_config = load_maskgit(checkpoint, device)
+    model = model.to(DECODE_DTYPES[cfg.dtype])
     schedule = load_schedule(OmegaConf.to_container(cfg.schedule, resolve=True))
     width_per_step = schedule.width_per_step(model.cfg.widths)
     settings = SamplingSettings.from_config(cfg.decode)
     tokenizer_path = Path(cfg.tokenizer_checkpoint or tokenizer_of_run(run_config, checkpoint, cfg.paths.runs))
     tokenizer = load_tokenizer(tokenizer_path, device)
     classifier_path = run_classifier(run_config, cfg)
-    classifier = domain_classifier_features(classifier_path).to(device).eval()
+    # Class accuracy needs the run's classifier; a run without one (ImageNet) is measured with another extractor only.
+    has_classifier = classifier_path.is_file() or cfg.extractor.name == "domain"
+    classifier = domain_classifier_features(classifier_path).to(device).eval() if has_classifier else None
     extractor = build_feature_extractor(cfg.extractor.name, cfg.extractor.path, classifier_path, device)
-    check_extractor_fits(extractor, classifier)
+    if classifier is not None:
+        check_extractor_fits(extractor, classifier)
     reference = real_reference(run_config, cfg, extractor)
     shard = condition_shard(task, run_config, cfg)
     num_classes = model.cfg.num_classes
@@ -230,7 +235,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         conditions = decode_conditions(task, len(indices), num_classes, device, shard, start=indices.start)
         return generate_samples(
             model, tokenizer, task, conditions, width_per_step, settings, cfg.decode.cache, cfg.decode.refresh_every,
-            cfg.batch_size, chunk_generator(cfg.seed, chunk, device),
+            cfg.batch_size, chunk_generator(cfg.seed, chunk, device), compile=cfg.decode.compile,
         )  # fmt: skip
 
     description = f"{schedule.name}/{cfg.decode.cache}/w={settings.guidance_scale:g}"
@@ -238,7 +243,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     unit = "clip" if extractor.media_kind == "video" else "img"
     with tqdm(total=cfg.samples, desc=description, unit=unit, dynamic_ncols=True) as bar:
         quality = measure_samples(
-            chunked_samples(chunks, generate, cfg.batch_size), model, extractor, reference, classifier.logits,
+            chunked_samples(chunks, generate, cfg.batch_size), model, extractor, reference,
+            classifier.logits if classifier is not None else None,
             keep_images=2 * columns, progress=bar.update, is_splits=cfg.is_splits,
         )  # fmt: skip
 
@@ -270,7 +276,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "fvd": round(quality.frechet, 4) if metric == "fvd" else "",
         "inception_score": rounded_or_empty(quality.inception_score, 4),
         "inception_score_std": rounded_or_empty(quality.inception_score_std, 4),
-        "class_acc": round(quality.class_acc, 4),
+        "class_acc": rounded_or_empty(quality.class_acc, 4),
         "gflops_per_sample": round(quality.gflops_per_sample, 6),
         "seconds": round(quality.seconds, 1),
         "git_commit": git_commit(),

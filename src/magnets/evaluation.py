@@ -125,26 +125,32 @@ def generate_samples(
     refresh_every: int = 2,
     batch_size: int = 100,
     generator: torch.Generator | None = None,
+    compile: bool = False,
+    autocast_dtype: torch.dtype | None = None,
 ) -> Iterator[GeneratedBatch]:
     """Decode one sample per condition, ``batch_size`` at a time, and turn the tokens into media.
 
     Each decode starts from [MASK] everywhere but the task's given tokens
     (taken from ``conditions.real_tokens``), which every output keeps.
+    ``compile``: the transformer's forward through ``torch.compile``;
+    ``autocast_dtype`` (e.g. bfloat16 under bf16-mixed training): the
+    transformer runs under autocast, the tokenizer's decode does not.
     """
     cfg = model.cfg
     grid = tuple(tokenizer.grid)
     if list(grid) != list(cfg.grid):
         raise MismatchError(f"the tokenizer makes a {list(grid)} token grid but the model was trained on {cfg.grid}")
-    tokens_to_logits = build_tokens_to_logits(model, cache, refresh_every)
+    tokens_to_logits = build_tokens_to_logits(model, cache, refresh_every, compile=compile)
     device = conditions.labels.device
     for start in range(0, len(conditions), batch_size):
         labels = conditions.labels[start : start + batch_size]
         real = None if conditions.real_tokens is None else conditions.real_tokens[start : start + batch_size]
         initial = task.decode_start(real, len(labels), cfg.num_tokens, cfg.mask_id).to(device)
-        result = decode(
-            tokens_to_logits, initial, task.model_labels(labels, cfg.null_class), width_per_step, settings,
-            mask_id=cfg.mask_id, null_class=cfg.null_class, generator=generator,
-        )  # fmt: skip
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            result = decode(
+                tokens_to_logits, initial, task.model_labels(labels, cfg.null_class), width_per_step, settings,
+                mask_id=cfg.mask_id, null_class=cfg.null_class, generator=generator,
+            )  # fmt: skip
         media = tokenizer.decode(result.tokens.view(-1, *grid))  # [b, N] -> [b, *grid] -> [b, C, *spatial]
         yield GeneratedBatch(media, labels, result.tokens, result.work)
 

@@ -349,6 +349,7 @@ def sampling_validation(cfg: DictConfig, tokenizer_ckpt: Path, classifier_path: 
         classifier=classifier,
         cache=cfg.decode.cache,
         refresh_every=cfg.decode.refresh_every,
+        compile=cfg.decode.compile,
         samples=options.samples,
         batch_size=options.batch_size,
         every_n=options.every_n,

@@ -35,7 +35,7 @@ from magnets.lit.maskgit import load_maskgit
 from magnets.lit.tokenizer import load_tokenizer
 from magnets.media import save_media
 from magnets.runs import resolve_checkpoint, shard_dir, tokenizer_of_run
-from magnets.sampling import SamplingSettings, load_schedule
+from magnets.sampling import DECODE_DTYPES, SamplingSettings, load_schedule
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     device = torch.device(cfg.device)
     checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.paths.runs, cfg.name)
     model, task, run_config = load_maskgit(checkpoint, device)
+    model = model.to(DECODE_DTYPES[cfg.dtype])
     model_cfg = model.cfg
     schedule = load_schedule(OmegaConf.to_container(cfg.schedule, resolve=True))
     width_per_step = schedule.width_per_step(model_cfg.widths)

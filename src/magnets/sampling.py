@@ -29,6 +29,10 @@ GUIDANCE_RAMPS = ("constant", "linear")
 SCHEDULE_DIR = Path(__file__).resolve().parents[2] / "conf" / "schedule"  # the Hydra group `schedule`
 
 
+# Weight dtypes a model may decode in (``dtype=`` of sample, evaluate and bench); bfloat16 is the GPU setting.
+DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @dataclass(frozen=True)
 class ModelSchedule:
     """Steps per width, run in the order listed; widths with 0 steps are skipped."""

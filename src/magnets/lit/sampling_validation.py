@@ -51,6 +51,7 @@ class SamplingValidation(L.Callback):
         classifier: FeatureExtractor | None = None,
         cache: str = "refresh_on_switch",
         refresh_every: int = 2,
+        compile: bool = False,
         samples: int = 500,
         batch_size: int = 250,
         every_n: int = 1,
@@ -60,7 +61,7 @@ class SamplingValidation(L.Callback):
         self.tokenizer, self.extractor, self.reference = tokenizer.eval(), extractor.eval(), reference
         self.classifier = classifier.eval() if classifier is not None else None
         self.schedules = [load_schedule(name) for name in schedules]
-        self.settings, self.cache, self.refresh_every = settings, cache, refresh_every
+        self.settings, self.cache, self.refresh_every, self.compile = settings, cache, refresh_every, compile
         self.task, self.condition_shard = task, condition_shard
         self.samples, self.batch_size, self.every_n = samples, batch_size, every_n
         self.width_grids, self.seed = width_grids, seed
@@ -120,9 +121,11 @@ class SamplingValidation(L.Callback):
 
     def _generate(self, pl_module: L.LightningModule, conditions: DecodeConditions, width_per_step: Sequence[int]):
         generator = torch.Generator(pl_module.device).manual_seed(self.seed)
+        # The transformer decodes in the precision it trains in (bf16-mixed: under bf16 autocast).
+        autocast_dtype = torch.bfloat16 if "bf16" in str(pl_module.trainer.precision) else None
         return generate_samples(
             pl_module.model, self.tokenizer, self.task, conditions, width_per_step, self.settings, self.cache,
-            self.refresh_every, self.batch_size, generator,
+            self.refresh_every, self.batch_size, generator, compile=self.compile, autocast_dtype=autocast_dtype,
         )  # fmt: skip
 
     @staticmethod
