@@ -20,7 +20,7 @@ from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.masking import random_training_mask
 from magnets.models.kv_cache import build_tokens_to_logits
 from magnets.models.transformer import MODEL_SIZES, NestedTransformer
-from magnets.sampling import ModelSchedule
+from magnets.sampling import ModelSchedule, SamplingSettings, decode
 
 pytestmark = [
     pytest.mark.gpu,
@@ -168,3 +168,23 @@ def test_pipeline_trains_on_the_gpu_trainer_in_bf16_mixed(tiny_cfg):
     metrics = out["maskgit"]["metrics"]
     for p in WIDTHS:
         assert math.isfinite(metrics[f"val/loss/p{p}"]), metrics
+
+
+def test_compiled_cached_decode_on_cuda_in_bf16_reveals_every_token():
+    model = make_model(depth=2, dtype=torch.bfloat16)
+    tokens_to_logits = build_tokens_to_logits(model, "refresh_on_switch", compile=True)
+    labels = torch.arange(3, device=CUDA) % model.cfg.num_classes
+    initial = torch.full((3, GRID), model.cfg.mask_id, device=CUDA)
+    with torch.inference_mode():
+        result = decode(
+            tokens_to_logits, initial, labels, SCALE_UP, SamplingSettings(), mask_id=model.cfg.mask_id,
+            null_class=model.cfg.null_class, generator=torch.Generator(CUDA).manual_seed(1),
+        )  # fmt: skip
+    assert (result.tokens != model.cfg.mask_id).all() and (result.tokens < model.cfg.codebook_size).all()
+
+
+def test_bench_decode_on_cuda_with_compile():
+    overrides = ["model=tiny", "batch_size=4", "grid=[4,4]", "warmup=1", "repeats=1", "device=cuda", "dtype=bfloat16"]
+    result = bench_decode(bench_config([*overrides, "decode.compile=true"]))
+    assert result["settings"]["decode"]["compile"] is True
+    assert all(r["ms_per_sample"] > 0 for r in result["records"])
