@@ -21,8 +21,11 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import compose_config
 from magnets.data.shards import TokenDataset
+from magnets.files import file_sha256
 from magnets.models.maskgit_vqgan import MaskGITVQGAN, MaskGITVQGANConfig
+from magnets.pipeline import tokenize_command
 
 REPO = Path(__file__).resolve().parents[1]
 WNIDS = ("n01530575", "n02085620")
@@ -95,3 +98,28 @@ def test_make_train_imagenet_runs_end_to_end_on_generated_folders(experiment, tm
     assert not any(tag.startswith("val/class_acc") for tag in scalars)  # no project classifier for ImageNet
     stats = list((tmp_path / "runs" / "fid_stats").glob("imagenet32__val-12__3x32x32__inception_offline__*.npz"))
     assert len(stats) == 1  # the real side's statistics, cached for the next validation or run
+
+
+def test_machines_tokenizing_side_by_side_each_wrap_the_weights_into_the_same_tokenizer(tmp_path):
+    """``python -m magnets.tokenize tokenize.rank=R tokenize.world_size=2`` on two machines with their own runs folders."""
+    broken = write_ilsvrc(tmp_path / "ILSVRC2012", train_per_class=10, val_per_class=3)
+    torch.manual_seed(0)
+    weights = tmp_path / "maskgit-vqgan-small.bin"
+    torch.save(MaskGITVQGAN(MaskGITVQGANConfig(**SMALL_VQGAN)).state_dict(), weights)
+    tokens = tmp_path / "shared" / "tokens"
+    for rank in (1, 0):  # rank 1 first: the split is complete only after rank 0
+        cfg = compose_config([
+            "experiment=imagenet_s", f"paths.runs={tmp_path / f'machine{rank}'}", f"tokenize.out_dir={tokens}",
+            f"data.module.root={tmp_path / 'ILSVRC2012'}", "data.image_size=32", "data.num_classes=2",
+            f"tokenizer.weights={weights}", *[f"tokenizer.model.{k}={v}" for k, v in SMALL_VQGAN.items() if k != "image_size"],
+            "tokenize.items_per_shard=6", "tokenize.num_workers=0", "tokenize.batch_size=8", "tokenize.flip_splits=[]",
+            f"tokenize.rank={rank}", "tokenize.world_size=2",
+        ])  # fmt: skip
+        tokenize_command(cfg)
+    wrapped = [tmp_path / f"machine{rank}" / "tokenizers" / "imagenet_vqgan" / "tokenizer.ckpt" for rank in (0, 1)]
+    assert file_sha256(wrapped[0]) == file_sha256(wrapped[1])  # the same bytes, wrapped on each machine
+    train = TokenDataset(tokens / "train")  # refused if the two machines' shards named different tokenizers
+    assert len(train) == 2 * 10 - 1 and train.meta.tokenizer_sha256 == file_sha256(wrapped[0])
+    assert sorted(p.name for p in (tokens / "train").glob("shard-*")) == [f"shard-0000{i}" for i in range(4)]
+    report = json.loads((tokens / "train" / "report.json").read_text())
+    assert [Path(item["path"]) for item in report["unreadable"]] == [broken]

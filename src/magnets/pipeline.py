@@ -15,6 +15,7 @@ live in :mod:`magnets.runs`.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
@@ -186,7 +187,11 @@ def import_pretrained_tokenizer(cfg: DictConfig) -> Path:
         model = load_pretrained_tokenizer(kind, model_cfg, weights)
         hparams = {"kind": kind, "model": model_cfg, "weights": str(weights), "weights_sha256": file_sha256(weights)}
         state_dict = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
-        atomic_write(final, lambda tmp: torch.save({"hyper_parameters": hparams, "state_dict": state_dict}, tmp))
+        # Saved to memory first: a torch.save archive names its root after the file, so bytes (and sha256, which
+        # token shards record) written straight to a temporary name would differ from one process or run to the next.
+        archive = io.BytesIO()
+        torch.save({"hyper_parameters": hparams, "state_dict": state_dict}, archive)
+        atomic_write(final, lambda tmp: tmp.write_bytes(archive.getbuffer()))
         log.info("wrapped %s weights %s as %s", kind, weights, final)
 
     return written_by_rank_zero(final, write, "tokenizer checkpoint")
@@ -443,6 +448,17 @@ def tokenize(cfg: DictConfig, tokenizer_ckpt: Path | None = None, wait: ShardWai
         world_size=world_size,
         wait=wait,
     )
+
+
+def tokenize_command(cfg: DictConfig) -> dict[str, Path]:
+    """``python -m magnets.tokenize``: this process's shards; a pretrained tokenizer's weights are wrapped first.
+
+    The wrapped checkpoint's bytes depend only on the weights and the config,
+    so processes on several machines that each wrap them (``tokenize.rank=R
+    tokenize.world_size=W``) record the same tokenizer in their shards.
+    """
+    pretrained = cfg.tokenizer.kind in PRETRAINED_KINDS and not cfg.tokenize.checkpoint
+    return tokenize(cfg, tokenizer_ckpt=import_pretrained_tokenizer(cfg) if pretrained else None)
 
 
 def check_pretokenized(cfg: DictConfig) -> None:

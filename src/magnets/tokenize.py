@@ -2,6 +2,7 @@
 
     python -m magnets.tokenize [experiment=NAME] [tokenize.splits=[train,val]] [tokenize.checkpoint=PATH]
     torchrun --nproc-per-node=8 -m magnets.tokenize experiment=NAME      # 8 processes share the shards
+    python -m magnets.tokenize experiment=imagenet_b tokenizer.weights=FILE tokenize.rank=R tokenize.world_size=W
 
 Each split becomes numbered shards of ``tokenize.items_per_shard`` source
 items, ``<tokenize.out_dir>/<split>/shard-NNNNN/``, and a ``report.json``
@@ -19,7 +20,7 @@ import hydra
 from omegaconf import DictConfig
 
 from magnets.cli import check_data, check_tokenize, check_tokenizer, check_tokenizer_fits_data, run_entry
-from magnets.pipeline import tokenize
+from magnets.pipeline import tokenize_command
 
 
 def check_tokenize_config(cfg: DictConfig) -> None:
@@ -31,7 +32,7 @@ def check_tokenize_config(cfg: DictConfig) -> None:
 
 @hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_entry(tokenize, cfg, check_tokenize_config)
+    run_entry(tokenize_command, cfg, check_tokenize_config)
 
 
 if __name__ == "__main__":
