@@ -123,3 +123,35 @@ def test_machines_tokenizing_side_by_side_each_wrap_the_weights_into_the_same_to
     assert sorted(p.name for p in (tokens / "train").glob("shard-*")) == [f"shard-0000{i}" for i in range(4)]
     report = json.loads((tokens / "train" / "report.json").read_text())
     assert [Path(item["path"]) for item in report["unreadable"]] == [broken]
+
+
+def test_a_multirun_through_the_submitit_launcher_trains_one_run_per_job(tmp_path):
+    """The cluster path on one machine: Hydra's submitit launcher (local executor) runs one job per seed."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    write_ilsvrc(tmp_path / "ILSVRC2012", train_per_class=8, val_per_class=2)
+    torch.manual_seed(0)
+    weights = tmp_path / "maskgit-vqgan-small.bin"
+    torch.save(MaskGITVQGAN(MaskGITVQGANConfig(**SMALL_VQGAN)).state_dict(), weights)
+    sweep = tmp_path / "sweep"
+    overrides = [
+        "-m", "hydra/launcher=submitit_local", "experiment=imagenet_s", "trainer=cpu", "model=tiny", "seed=0,1",
+        "progress_refresh_rate=0", f"paths.runs={tmp_path / 'runs'}", f"paths.data={tmp_path / 'data'}",
+        f"hydra.sweep.dir={sweep}", f"data.module.root={tmp_path / 'ILSVRC2012'}", "data.image_size=32",
+        "data.num_classes=2", "data.module.num_workers=0", f"tokenizer.weights={weights}",
+        *[f"tokenizer.model.{k}={v}" for k, v in SMALL_VQGAN.items() if k != "image_size"],
+        "tokenize.num_workers=0", "maskgit.batch_size=4", "maskgit.num_workers=0", "maskgit.trainer.max_steps=2",
+        "maskgit.trainer.val_check_interval=2", "maskgit.trainer.precision=32-true", "maskgit.ema_decay=null",
+        "sample_validation.enabled=false",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # The shards first (as on a cluster: the jobs of a sweep then share them), then the sweep.
+    shards_first = [o for o in overrides if o not in ("-m", "seed=0,1")] + ["stages=[tokenizer,tokenize]"]
+    for args in (shards_first, overrides):
+        result = subprocess.run(
+            [sys.executable, "-m", "magnets.train", *args], cwd=REPO, capture_output=True, text=True, timeout=900, env=env
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+    assert any((sweep / ".submitit").iterdir())  # the jobs went through submitit
+    for job in ("0", "1"):  # each job trained in its own sweep subdirectory, its run_dir
+        checkpoint = torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=False)
+        assert checkpoint["global_step"] == 2 and checkpoint["config"]["seed"] == int(job)
