@@ -69,6 +69,7 @@ def tiny_cfg(fake_fmnist: Path, tmp_path: Path) -> DictConfig:
         [
             "experiment=fmnist",
             "tokenizer=tiny",
+            "tokenizer_eval.enabled=false",  # the rFID floor costs seconds of Inception; test_reconstruction.py covers it
             f"paths.runs={tmp_path / 'runs'}",
             f"data.module.root={fake_fmnist}",
             "data.module.search_debian=false",

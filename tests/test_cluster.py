@@ -26,7 +26,7 @@ from magnets.runs import own_resume_checkpoint
 
 def preemptible_overrides(fake_fmnist: Path, tmp_path: Path, max_steps: int) -> list[str]:
     return [
-        "experiment=fmnist", "tokenizer=tiny", "model=tiny", "progress_refresh_rate=0",
+        "experiment=fmnist", "tokenizer=tiny", "tokenizer_eval.enabled=false", "model=tiny", "progress_refresh_rate=0",
         "stages=[tokenizer,tokenize,maskgit]", "sample_validation.enabled=false",
         f"paths.runs={tmp_path / 'runs'}", f"run_dir={tmp_path / 'runs' / 'fmnist' / 'job'}",
         f"data.module.root={fake_fmnist}", "data.module.search_debian=false", "data.module.download_url=file:///nonexistent/",

@@ -147,7 +147,7 @@ def test_resume_names_what_is_missing(tiny_cfg):
 
 def test_two_process_ddp_run_keeps_ranks_identical(fake_fmnist, tmp_path):
     overrides = [
-        "experiment=fmnist", "tokenizer=tiny", "model=tiny", "trainer=ddp",
+        "experiment=fmnist", "tokenizer=tiny", "tokenizer_eval.enabled=false", "model=tiny", "trainer=ddp",
         "trainer.accelerator=cpu", "trainer.devices=2", "progress_refresh_rate=0",
         f"paths.runs={tmp_path / 'runs'}", f"run_dir={tmp_path / 'runs' / 'ddp'}",
         f"data.module.root={fake_fmnist}", "data.module.search_debian=false", "data.module.download_url=file:///nonexistent/",

@@ -466,10 +466,17 @@ def split_reference(
 
     Unreadable items (``magnets.data.base.UNREADABLE_LABEL``) are left out.
     """
+    items = reference_items(data_cfg, split, count, batch_size)
+    return resolve_reference(npz, items, media_key(data_cfg), f"{split}-{count}", extractor, cache_dir)
+
+
+def reference_items(data_cfg: Mapping[str, Any], split: str, count: int, batch_size: int) -> Callable[[], DataLoader]:
+    """The first ``count`` items of ``split`` (all of it when it has fewer) as batches ``(uint8 media, labels)``, unreadable
+    items left out: called only when needed, so a statistics file or cached value needs no dataset."""
 
     def items() -> DataLoader:
         dataset = build_datamodule(data_cfg).dataset(split)
         subset = Subset(dataset, range(min(count, len(dataset))))
         return DataLoader(subset, batch_size=batch_size, collate_fn=drop_unreadable)
 
-    return resolve_reference(npz, items, media_key(data_cfg), f"{split}-{count}", extractor, cache_dir)
+    return items

@@ -48,7 +48,7 @@ from magnets.data.tokenization import (
     tokenize_splits,
 )
 from magnets.errors import ConfigError, DataNotFoundError, MismatchError
-from magnets.evaluation import split_reference
+from magnets.evaluation import media_key, reference_items, split_reference
 from magnets.files import atomic_write, atomic_write_json, atomic_write_text, file_sha256
 from magnets.lit.callbacks import ConfigInCheckpoint
 from magnets.lit.maskgit import NestedMaskGITModule
@@ -57,6 +57,7 @@ from magnets.lit.tokenizer import TokenizerModule, load_tokenizer
 from magnets.metrics.classifier import fit_classifier
 from magnets.metrics.extractors import CLASSIFIER_EXTRACTORS, EXTRACTORS, build_extractor, domain_classifier_features
 from magnets.metrics.fid import FeatureExtractor
+from magnets.metrics.reconstruction import reconstruction_fid, rfid_cache_path
 from magnets.models.tokenizer import PRETRAINED_KINDS, load_pretrained_tokenizer, num_tokens, tokenizer_config
 from magnets.models.transformer import MODEL_SIZES
 from magnets.runs import (
@@ -200,7 +201,8 @@ def import_pretrained_tokenizer(cfg: DictConfig) -> Path:
 def fit_tokenizer(cfg: DictConfig) -> Path:
     """Train the tokenizer unless its final checkpoint exists; returns that checkpoint's path.
 
-    Also evaluates it on the test split and writes ``metrics.json`` beside it.
+    Also evaluates it on the test split, measures its reconstruction FID
+    (``tokenizer_eval``: :func:`tokenizer_rfid_metrics`) and writes ``metrics.json`` beside it.
     A pretrained kind (``PRETRAINED_KINDS``) is loaded from ``tokenizer.weights`` instead.
     """
     if cfg.tokenizer.kind in PRETRAINED_KINDS:
@@ -237,10 +239,49 @@ def fit_tokenizer(cfg: DictConfig) -> Path:
     if trainer.is_global_zero:
         metrics = {k: float(v) for k, v in test_metrics.items()}
         metrics["bits_per_pixel"] = token_bits_per_pixel(module.model.grid, module.model.codebook_size, datamodule.media_info())
+        metrics.update(tokenizer_rfid_metrics(cfg, final, trainer.strategy.root_device))
         atomic_write_json(tok_dir / "metrics.json", metrics)
-        log.info("tokenizer test metrics: %s", test_metrics)
+        log.info("tokenizer test metrics: %s", metrics)
     trainer.strategy.barrier()
     return final
+
+
+def tokenizer_rfid_metrics(cfg: DictConfig, checkpoint: Path, device: torch.device) -> dict[str, Any]:
+    """The reconstruction FID of the tokenizer at ``checkpoint`` (``tokenizer_eval``) as ``metrics.json`` entries.
+
+    The first ``rfid_count`` items of ``rfid_split`` are encoded and decoded on
+    ``device``; their ``rfid_extractor`` features are compared with the real
+    statistics that ``python -m magnets.evaluate`` uses for that split and
+    count (cached in ``<paths.runs>/fid_stats``, as is the value). Empty when
+    disabled, or when the extractor takes other media than the data (clips:
+    an rFVD would need the video classifier, trained after the tokenizer).
+    """
+    options = cfg.tokenizer_eval
+    if not options.enabled:
+        return {}
+    name = options.rfid_extractor
+    if name not in EXTRACTORS:
+        raise ConfigError("tokenizer_eval.rfid_extractor", name, sorted(EXTRACTORS))
+    takes, data_kind = EXTRACTORS[name].media_kind, cfg.data.get("kind", "image")
+    if takes != data_kind:
+        log.info("tokenizer rFID skipped: tokenizer_eval.rfid_extractor=%s takes %ss, the data are %ss", name, takes, data_kind)
+        return {}
+    if name in CLASSIFIER_EXTRACTORS or name == "i3d_torchscript":
+        valid = "an extractor needing no file: inception_offline, inception_fidelity"
+        raise ConfigError("tokenizer_eval.rfid_extractor", name, valid)
+    extractor = build_extractor(name).to(device)
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    split, count, batch_size = options.rfid_split, options.rfid_count, options.batch_size
+    cache_dir = Path(cfg.paths.runs, "fid_stats")
+    reference = split_reference(data_cfg, split, count, None, extractor, cache_dir, batch_size)
+    split_key = f"{split}-{count}"
+    cache_path = rfid_cache_path(
+        cache_dir, file_sha256(checkpoint), extractor, media_key(data_cfg), split_key, f"{split}-{reference.count}"
+    )
+    tokenizer = load_tokenizer(checkpoint, device)
+    items = reference_items(data_cfg, split, count, batch_size)
+    value = reconstruction_fid(tokenizer, items, extractor, reference, cache_path=cache_path)
+    return {"rfid": value, "rfid_extractor": name, "rfid_count": reference.count, "rfid_split": split}
 
 
 def token_bits_per_pixel(grid: tuple[int, ...], codebook_size: int, media: dict[str, Any]) -> float:
