@@ -68,9 +68,41 @@ class ModelSchedule:
         return [p for p, k in zip(self.widths, self.steps, strict=True) for _ in range(k)]
 
 
+# conf/schedule/ entries that are templates rather than schedules: search.yaml's steps come from its cut points.
+SCHEDULE_TEMPLATES = ("search",)
+
+
 def shipped_schedules() -> list[str]:
-    """Names of the schedules in ``conf/schedule/``."""
-    return sorted(path.stem for path in SCHEDULE_DIR.glob("*.yaml"))
+    """Names of the schedules in ``conf/schedule/`` (the templates of :data:`SCHEDULE_TEMPLATES` left out)."""
+    return sorted(path.stem for path in SCHEDULE_DIR.glob("*.yaml") if path.stem not in SCHEDULE_TEMPLATES)
+
+
+def steps_from_cuts(total_steps: int, *cuts: int) -> list[int]:
+    """Steps per width of a K-step schedule over ``len(cuts) + 1`` widths, set by cut points in ``[0, K - 1]``.
+
+    The cuts are clamped to ``[0, K - 1]`` and sorted; the steps are the gaps:
+    K=12, cuts (3, 6, 9) -> [3, 3, 3, 3]; cuts (0, 0, 4) -> [0, 0, 4, 8]. Any
+    cuts give a valid schedule of exactly K steps with at least one at the last
+    (largest) width, so a search sampling them independently never proposes an
+    invalid one (the schedule search, ``conf/sweep/schedule_search.yaml``).
+    """
+    total = int(total_steps)
+    if total < 1:
+        raise ValueError(f"total_steps must be at least 1, got {total_steps}")
+    points = [0, *sorted(min(max(int(c), 0), total - 1) for c in cuts), total]
+    return [b - a for a, b in zip(points[:-1], points[1:], strict=True)]
+
+
+def searched_schedule_name(total_steps: int, *cuts: int) -> str:
+    """``search_<k_8>-<k_4>-<k_2>-<k_1>``: the name of a searched schedule, from its steps."""
+    return "search_" + "-".join(map(str, steps_from_cuts(total_steps, *cuts)))
+
+
+# conf/schedule/search.yaml computes its steps and name from its cut points with these.
+OmegaConf.register_new_resolver(
+    "magnets_steps_from_cuts", lambda total_steps, *cuts: OmegaConf.create(steps_from_cuts(total_steps, *cuts)), replace=True
+)  # a ListConfig: a config resolved in place holds no plain lists
+OmegaConf.register_new_resolver("magnets_searched_schedule_name", searched_schedule_name, replace=True)
 
 
 def load_schedule(schedule: str | Mapping[str, Any]) -> ModelSchedule:
@@ -79,7 +111,7 @@ def load_schedule(schedule: str | Mapping[str, Any]) -> ModelSchedule:
         path = SCHEDULE_DIR / f"{schedule}.yaml"
         if not path.is_file():
             raise ValueError(f"unknown schedule {schedule!r}; shipped: {shipped_schedules()}")
-        schedule = OmegaConf.to_container(OmegaConf.load(path))
+        schedule = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     missing = {"name", "widths", "steps"} - set(schedule)
     if missing:
         raise ValueError(f"a schedule needs name, widths and steps; {dict(schedule)} lacks {sorted(missing)}")
