@@ -65,6 +65,8 @@ def test_evaluate_appends_a_row_with_fid_accuracy_gflops_and_a_grid(tiny_cfg, tm
     assert float(rows[0]["fid"]) >= 0 and 0 <= float(rows[0]["class_acc"]) <= 1
     assert 1 <= float(rows[0]["inception_score"]) <= 10 and float(rows[0]["inception_score_std"]) >= 0  # classifier logits
     assert rows[0]["reference"] == "test-40"
+    assert [(r["seed"], r["aggregate"], r["n_seeds"]) for r in rows] == [("0", "", "1")] * 2  # one seed: no mean, std rows
+    assert rows[0]["rfid"] == rows[1]["rfid"] and float(rows[0]["rfid"]) >= 0  # one tokenizer, one reference
     assert cached["gflops_per_sample"] < baseline["gflops_per_sample"]
     assert (tmp_path / "runs" / "fmnist" / rows[0]["grid"]).is_file()
     assert rows[0]["git_commit"] != ""
@@ -75,12 +77,14 @@ def test_evaluate_decodes_in_bfloat16_and_runs_without_a_classifier(tiny_cfg, tm
     runs = tiny_cfg.paths.runs
     Path(tiny_cfg.classifier.path).unlink()  # a run with no project classifier (as ImageNet's): no class accuracy
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        base = [f"paths.runs={runs}", "samples=20", "batch_size=10", "reference.count=40", "extractor=inception_offline"]
+        # rfid=false: rFID is tested in test_seeds.py; here it would cost another Inception pass
+        base = [f"paths.runs={runs}", "samples=20", "batch_size=10", "reference.count=40", "extractor=inception_offline",
+                "rfid=false"]  # fmt: skip
         fp32 = evaluate(compose("evaluate", overrides=base))
         bf16 = evaluate(compose("evaluate", overrides=[*base, "dtype=bfloat16"]))
         with pytest.raises(ConfigError, match=r"dtype='int8' is not valid; valid: float32, bfloat16, float16"):
             check_evaluate_config(compose("evaluate", overrides=[*base, "dtype=int8"]))
-    assert fp32["class_acc"] == bf16["class_acc"] == ""
+    assert fp32["class_acc"] == bf16["class_acc"] == "" and fp32["rfid"] == ""
     assert bf16["fid"] > 0 and bf16["gflops_per_sample"] == fp32["gflops_per_sample"]
     folders = sorted(p for p in Path(runs, "fmnist", "samples_cache").iterdir() if p.is_dir())
     assert len(folders) == 2  # the dtype is part of what determines the samples

@@ -253,7 +253,7 @@ def test_interrupted_evaluation_resumes_to_the_unbroken_samples_and_row(
 
     # A rerun reuses every chunk; keep_samples=false deletes them after the row; a given reference file is used.
     generate_calls.clear()
-    (stats_file,) = Path(runs, "fid_stats").glob("*__test-40__*")  # (training cached its validation reference there too)
+    (stats_file,) = Path(runs, "fid_stats").glob("*__test-40__*.npz")  # (training cached its validation reference there too)
     again = run("resumed", "keep_samples=false", f"reference.npz={stats_file}")
     assert generate_calls == [] and not resumed_folder.exists()
     assert again["fid"] == unbroken["fid"] and again["reference"] == stats_file.name

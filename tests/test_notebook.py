@@ -390,3 +390,80 @@ def test_no_results(tmp_path: Path) -> None:
     assert "No results.csv under" in "".join(outputs(notebook, "stdout"))
     assert not outputs(notebook, "image/png")
     assert not (tmp_path / "figures").exists()
+
+
+SEED_PANEL = "fmnist · class_cond · inception_offline · 100 samples"
+A, B, C, D, E = (  # the configurations of SEED_PANEL: (schedule/cache label, per-seed FIDs, GFLOPs)
+    ("maskgit_12/refresh_on_switch", [10.0, 10.2, 9.8], 10.0),  # mean 10, std 0.2
+    ("magnets_3333/refresh_on_switch", [12.0, 12.2, 11.8], 4.0),  # mean 12, std 0.2: clearly apart from A
+    ("magnets_3333/none", [10.5, 9.0, 12.0], 6.0),  # mean 10.5, std 1.5: within the noise of A and of B
+    ("magnets_2222/refresh_on_switch", [15.0], 2.8),  # one seed: a plain point, in no pair
+    ("abrupt_6006/refresh_on_switch", [10.9, 11.1, 10.9, 11.1], 5.5),  # mean and std rows only (no seed rows)
+)
+SIGNIFICANT = {frozenset((A[0], B[0])), frozenset((A[0], E[0])), frozenset((B[0], E[0]))}
+
+
+def seed_rows(label: str, fids: list[float], gflops: float, extractor: str, guidance: float = 2.0) -> list[dict]:
+    """Rows as `python -m magnets.evaluate seeds=[...]` writes them: one per seed, then mean and std with several."""
+    from magnets.evaluate import RESULT_COLUMNS, aggregate_rows
+
+    schedule, cache = label.split("/")
+    widths, steps_per_width, steps = LAYOUT[schedule]
+    shared = {"experiment": "fmnist", "checkpoint": CKPT_P, "distill": "progressive", "task": "class_cond",
+              "schedule": schedule, "widths": widths, "steps_per_width": steps_per_width, "cache": cache,
+              "guidance": guidance, "steps": steps, "samples": 100, "extractor": extractor, "reference": "test-100",
+              "aggregate": "", "n_seeds": 1, "fvd": "", "rfid": 5.0, "inception_score": "", "inception_score_std": "",
+              "class_acc": 0.5, "gflops_per_sample": gflops, "git_commit": "0123abc"}  # fmt: skip
+    rows = [shared | {"seed": seed, "fid": fid, "seconds": 1.0 + seed, "grid": ""} for seed, fid in enumerate(fids)]
+    assert set(rows[0]) == set(RESULT_COLUMNS)
+    return rows + (aggregate_rows(rows) if len(rows) > 1 else [])
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    """The notebook executed on a results.csv of seed rows and their mean and std rows: SEED_PANEL, and a panel of 24
+    two-seed configurations (6 schedules x 4 cache modes) for the figure's legibility."""
+    from magnets.evaluate import append_results
+
+    tmp = tmp_path_factory.mktemp("seeds")
+    results = tmp / "runs" / "fmnist" / "2025-03-01_00-00-00" / "results.csv"
+    stale = seed_rows(A[0], [50.0], A[2], "inception_offline")  # an earlier evaluation of A's seed 0: superseded
+    append_results(results, stale + seed_rows(*A, "inception_offline") + seed_rows(*B, "inception_offline"))
+    append_results(results, seed_rows(*C, "inception_offline") + seed_rows(*D, "inception_offline"))
+    append_results(results, [r for r in seed_rows(*E, "inception_offline") if r["aggregate"]])
+    many = [
+        seed_rows(f"{schedule}/{cache}", [20.0 + i, 21.0 + i], 2.0 + i % 9, "fmnist_classifier")
+        for i, (schedule, cache) in enumerate((s, c) for s in LAYOUT for c in ("none", "refresh_on_switch", "no_refresh",
+                                                                              "refresh_every_n"))
+    ]  # fmt: skip
+    append_results(results, [row for rows in many for row in rows])
+    figures = tmp / "figures"
+    return execute(tmp / "runs", figures, tmp), figures
+
+
+def test_seeds_give_error_bars_an_rfid_floor_and_a_significance_table(seeded) -> None:
+    notebook, figures = seeded
+    stdout = "".join(outputs(notebook, "stdout"))
+    assert "over several seeds" in stdout and ": 29 configurations" in stdout  # 5 + 24
+    assert f"panel {SEED_PANEL}: y 'FID', x 'GFLOPs per sample'; " in stdout
+    assert "4 with error bars; rFID floor 5" in stdout  # A, B, C, E; D has one seed
+    assert "24 with error bars" in stdout
+    assert (figures / "quality_vs_gflops.png").read_bytes().startswith(PNG_MAGIC)
+
+    points = pd.read_csv(figures / "quality_points.csv")
+    panel = points[points.extractor == "inception_offline"].set_index("label")
+    assert panel["errorbar"].to_dict() == {A[0]: True, B[0]: True, C[0]: True, D[0]: False, E[0]: True}
+    for label, fids, _ in (A, B, C, E):
+        assert panel.loc[label, "distance"] == pytest.approx(np.mean(fids))  # A's stale row is not counted
+        assert panel.loc[label, "distance_std"] == pytest.approx(np.std(fids, ddof=1), abs=1e-6)
+        assert panel.loc[label, "n_seeds"] == len(fids)
+    assert panel.loc[D[0], "n_seeds"] == 1 and np.isnan(panel.loc[D[0], "distance_std"])
+    assert (panel["rfid"] == 5.0).all()
+
+    pairs = pd.read_csv(figures / "significance.csv")
+    pairs = pairs[pairs.extractor == "inception_offline"]
+    assert len(pairs) == 6  # the pairs of A, B, C and E
+    assert {frozenset((a, b)) for a, b, s in zip(pairs.a, pairs.b, pairs.significant, strict=True) if s} == SIGNIFICANT
+    ac = pairs[pairs.a.isin([A[0], C[0]]) & pairs.b.isin([A[0], C[0]])].iloc[0]
+    assert ac.se == pytest.approx(np.sqrt(0.2**2 / 3 + 1.5**2 / 3)) and abs(ac.difference) == pytest.approx(0.5)
+    assert f"panel {SEED_PANEL}: 3 of 6 pair(s) differ by more than 2 SE" in stdout
