@@ -157,7 +157,7 @@ def test_a_bad_geometry_is_named_with_the_valid_ones(tmp_path, capsys):
             "error: grid=[2, 16, 16] is not valid; valid: a [t, h, w] grid with more than the 2 ",
         ),
         (["geometry=image", "grid=null"], "error: grid=None is not valid; valid: a token grid"),
-        (["flops_model=huge"], "error: flops_model='huge' is not valid; valid: tiny, fmnist, s, b, l, xl"),
+        (["flops_model=huge"], "error: flops_model='huge' is not valid; valid: tiny, fmnist, fmnist_paper, s, b, l, xl"),
     ):
         cfg = bench_config([*overrides, f"out={tmp_path / 'decode.json'}"])
         with pytest.raises(SystemExit) as exited:

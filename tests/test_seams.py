@@ -127,5 +127,5 @@ def test_bad_config_values_end_in_one_line_before_any_work(tmp_path):
 
     result = run_module("magnets.train", "model.size=huge", f"paths.runs={tmp_path}", f"hydra.run.dir={tmp_path}/h", cwd=REPO)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == "error: model.size='huge' is not valid; valid: tiny, fmnist, s, b, l, xl"
+    assert result.stderr.strip() == "error: model.size='huge' is not valid; valid: tiny, fmnist, fmnist_paper, s, b, l, xl"
     assert not (tmp_path / "tokenizers").exists()  # no stage started
