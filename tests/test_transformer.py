@@ -133,7 +133,8 @@ def test_unknown_width_and_indivisible_sizes_name_the_valid_values():
         model(torch.zeros(1, 12, dtype=torch.long), torch.zeros(1, dtype=torch.long), width=3)
     with pytest.raises(ValueError, match=r"dim=36 is not divisible by width factors \[8\]"):
         TransformerConfig(**{**CFG, "dim": 36})
-    with pytest.raises(ValueError, match=r"unknown model size 'm'; valid: \['tiny', 'fmnist', 'fmnist_paper', 's', 'b', 'l', 'xl'\]"):
+    sizes = r"\['tiny', 'fmnist', 'fmnist_paper', 's', 'b', 'l', 'xl'\]"
+    with pytest.raises(ValueError, match=rf"unknown model size 'm'; valid: {sizes}"):
         TransformerConfig.from_size("m", codebook_size=8, grid=[4], num_classes=2)
 
 
