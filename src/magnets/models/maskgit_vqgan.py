@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from magnets.errors import MismatchError, MissingFileError
+from magnets.models.tokenizer import check_code_ids, check_media_shape
 
 MASKGIT_VQGAN_WEIGHTS = "maskgit-vqgan-imagenet-f16-256.bin"
 """File name of the public PyTorch port's weights (a ``torch.save``'d state dict) at the default config."""
@@ -244,9 +245,7 @@ class MaskGITVQGAN(nn.Module):
         return self.cfg.codebook_size
 
     def _check_images(self, images: torch.Tensor) -> None:
-        expected = (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
-        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"expected images of shape [B, {', '.join(map(str, expected))}], got {list(images.shape)}")
+        check_media_shape(images, (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size), "images")
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -257,10 +256,7 @@ class MaskGITVQGAN(nn.Module):
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Code ids ``[B, h, w]`` -> images ``[B, C, H, W]`` float32 clamped to ``[0, 1]``."""
-        if ids.dim() != 3 or tuple(ids.shape[1:]) != self.grid:
-            raise ValueError(f"expected code ids of shape [B, {', '.join(map(str, self.grid))}], got {list(ids.shape)}")
-        if ids.is_floating_point() or ids.is_complex():
-            raise ValueError(f"expected integer code ids, got dtype {ids.dtype}")
+        check_code_ids(ids, self.grid)
         return self.decoder(self.quantize.embed(ids.long())).float().clamp(0, 1)
 
 

@@ -99,6 +99,19 @@ def build_tokenizer(kind: str, model: Mapping[str, Any]) -> nn.Module:
     return model_class(tokenizer_config(kind, model))
 
 
+def check_media_shape(media: torch.Tensor, item_shape: tuple[int, ...], what: str) -> None:
+    """A ValueError unless ``media`` is a batch ``[B, *item_shape]`` (``what``: "images" or "clips", for the message)."""
+    if media.dim() != len(item_shape) + 1 or tuple(media.shape[1:]) != tuple(item_shape):
+        raise ValueError(f"expected {what} of shape [B, {', '.join(map(str, item_shape))}], got {list(media.shape)}")
+
+
+def check_code_ids(ids: torch.Tensor, grid: tuple[int, ...]) -> None:
+    """A ValueError unless ``ids`` is a batch of integer code ids ``[B, *grid]``."""
+    check_media_shape(ids, grid, "code ids")
+    if ids.is_floating_point() or ids.is_complex():
+        raise ValueError(f"expected integer code ids, got dtype {ids.dtype}")
+
+
 def token_grid(kind: str, model: Mapping[str, Any]) -> tuple[int, ...]:
     """The token grid a tokenizer config produces, without building the network."""
     return tuple(tokenizer_config(kind, model).grid)

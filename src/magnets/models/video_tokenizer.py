@@ -38,6 +38,7 @@ from torch import nn
 
 from magnets.errors import ConfigError
 from magnets.models.fsq import FSQ
+from magnets.models.tokenizer import check_code_ids, check_media_shape
 from magnets.models.vq import VectorQuantizer
 
 QUANTIZERS = ("fsq", "vq")
@@ -271,9 +272,7 @@ class CausalVideoTokenizer(nn.Module):
 
     def _check_clips(self, clips: torch.Tensor) -> None:
         cfg = self.cfg
-        expected = (cfg.in_channels, cfg.frames, cfg.image_size, cfg.image_size)
-        if clips.dim() != 5 or tuple(clips.shape[1:]) != expected:
-            raise ValueError(f"expected clips of shape [B, {', '.join(map(str, expected))}], got {list(clips.shape)}")
+        check_media_shape(clips, (cfg.in_channels, cfg.frames, cfg.image_size, cfg.image_size), "clips")
 
     def encode_latents(self, clips: torch.Tensor) -> torch.Tensor:
         """Pre-quantisation latents of clips of any causal length.
@@ -310,8 +309,7 @@ class CausalVideoTokenizer(nn.Module):
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Code ids ``[B, t, h, w]`` -> clips ``[B, C, T, H, W]`` clamped to ``[0, 1]``."""
-        if ids.dim() != 4 or tuple(ids.shape[1:]) != self.grid:
-            raise ValueError(f"expected code ids of shape [B, {', '.join(map(str, self.grid))}], got {list(ids.shape)}")
+        check_code_ids(ids, self.grid)
         return self._decode_codes(self.quantizer.embed(ids)).clamp(0, 1)
 
     def _decode_codes(self, codes: torch.Tensor) -> torch.Tensor:

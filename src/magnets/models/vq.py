@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from magnets.models.tokenizer import check_code_ids, check_media_shape
+
 
 @dataclass
 class VQConfig:
@@ -186,9 +188,7 @@ class VQTokenizer(nn.Module):
         return self.cfg.codebook_size
 
     def _check_images(self, images: torch.Tensor) -> None:
-        expected = (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
-        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"expected images of shape [B, {', '.join(map(str, expected))}], got {list(images.shape)}")
+        check_media_shape(images, (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size), "images")
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns reconstruction ``[B, C, H, W]``, code ids ``[B, h, w]``, VQ loss, encoder latents."""
@@ -207,6 +207,5 @@ class VQTokenizer(nn.Module):
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Code ids ``[B, h, w]`` -> images ``[B, C, H, W]`` clamped to ``[0, 1]``."""
-        if tuple(ids.shape[1:]) != self.grid:
-            raise ValueError(f"expected code ids of shape [B, {', '.join(map(str, self.grid))}], got {list(ids.shape)}")
+        check_code_ids(ids, self.grid)
         return (self.decoder(self.quantizer.embed(ids)) * 0.5 + 0.5).clamp(0, 1)
