@@ -8,7 +8,7 @@ ARGS ?=
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist
 
-.PHONY: help setup data train tokenize data-check sample evaluate sweep sweep-train test test-slow bench bench-train lint tb clean
+.PHONY: help setup data train tokenize data-check sample evaluate sweep sweep-train claims test test-slow bench bench-train lint tb clean
 
 help:
 	@echo "make train [EXP=fmnist] [ARGS='hydra overrides']  set up, then train experiment EXP end to end"
@@ -16,6 +16,7 @@ help:
 	@echo "make sample [EXP=fmnist] [ARGS='schedule=maskgit_12 decode.cache=none']  sample grid from the newest checkpoint"
 	@echo "make bench [ARGS=...]  decode benchmark, runs/bench/decode.json;  make bench-train  training-step benchmark"
 	@echo "make evaluate | sweep [SWEEP=schedules|cache|guidance] | sweep-train SWEEP=distill  (results.csv, notebooks/ablations.ipynb)"
+	@echo "make claims [EXP=fmnist_paper]  the paper's claims with mean ± std and verdicts from runs/EXP/results.csv"
 	@echo "make data-check EXP=ucf101_b ARGS='data.root=DIR'  read every file of every split once; report counts and bad files"
 	@echo "make tokenize | test-slow | lint | tb | clean"
 
@@ -65,6 +66,10 @@ sweep: setup
 # Training multirun (SWEEP=distill: progressive vs none vs single-width)
 sweep-train: setup
 	$(PY) -m magnets.train experiment=$(EXP) +sweep=$(SWEEP) $(ARGS)
+
+# The paper's five claims with mean ± std and a verdict each, from runs/$(EXP)/results.csv (claims.md, claims.csv)
+claims: setup
+	$(PY) -m magnets.claims runs/$(EXP)/results.csv $(ARGS)
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(ARGS)

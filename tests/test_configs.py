@@ -64,7 +64,7 @@ def test_every_group_option_composes(group, option, tmp_path):
         assert cfg.extractor.name == option and "path" in cfg.extractor
     if group == "ablation":
         assert cfg.distill.mode == ("progressive" if option == "progressive" else "none")
-        assert list(cfg.model.widths) == ([1] if option == "single" else [8, 4, 2, 1])
+        assert list(cfg.model.widths) == ([int(option.split("_")[1])] if option.startswith("single_") else [8, 4, 2, 1])
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

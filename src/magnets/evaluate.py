@@ -375,7 +375,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         row = {
             "experiment": cfg.name,
             "checkpoint": str(checkpoint),
-            "distill": "single" if list(model.cfg.widths) == [1] else run_config.get("distill", {}).get("mode", "unknown"),
+            "distill": "single" if len(model.cfg.widths) == 1 else run_config.get("distill", {}).get("mode", "unknown"),
             "task": task.name,
             "schedule": schedule.name,
             "widths": "-".join(map(str, schedule.widths)),

@@ -1,0 +1,271 @@
+"""The paper's five claims as a table: each side's mean ± std over sampling seeds, the difference against two standard
+errors, and a verdict.
+
+    python -m magnets.claims runs/fmnist_paper/results.csv [--extractor inception_offline] [--samples 2000]
+    make claims EXP=fmnist_paper
+
+Reads the seed rows that ``magnets.evaluate seeds=[...]`` appended to a results CSV (the newest row of each seed of a
+configuration) and, for claim (e), the held-out masked-token cross-entropy per width in the ``metrics.json`` beside the
+evaluated checkpoints' runs. Writes ``claims.csv`` and ``claims.md`` beside the results file and prints the markdown.
+
+The claims, all at the same extractor and sample count:
+
+(a) ``magnets_3333`` with refresh-on-switch caching is within 10% of uncached ``maskgit_12``'s FID at >= 2.5x fewer
+    GFLOPs;
+(b) scaling up beats scaling down at equal steps: ``magnets_3333`` below ``scale_down_3333`` (both cached);
+(c) a smooth schedule beats an abrupt one: ``magnets_3333`` below ``abrupt_6006`` (both cached);
+(d) no refresh is worse than refresh on switch: ``magnets_3333`` ``no_refresh`` above ``refresh_on_switch``;
+(e) progressive distillation beats none for the small widths: ``m{p}_12`` uncached of the progressively distilled
+    nested model below that of the nested model trained on ground truth only (``distill`` column), for p = 8, 4, 2.
+
+A comparison *holds* when the difference has the claimed sign and exceeds two standard errors of the difference
+(``sqrt(s1^2/n1 + s2^2/n2)``, the seeds' sample standard deviations), *fails* when it exceeds them with the other sign
+(for (a): when FID exceeds 1.1x the baseline's by more than two standard errors, or the GFLOPs ratio is below 2.5),
+and is *not resolved* within them; a configuration missing from the results is *not measured*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from magnets.files import atomic_write, atomic_write_text
+
+FID_MARGIN = 0.10
+"""Claim (a): the candidate's FID may exceed the baseline's by at most this fraction."""
+GFLOPS_RATIO = 2.5
+"""Claim (a): the baseline's GFLOPs per sample over the candidate's must be at least this."""
+SIGNIFICANCE_SE = 2.0
+"""A difference is resolved when it exceeds this many standard errors."""
+CONFIG_COLUMNS = ["distill", "schedule", "cache", "guidance"]
+"""What names one configuration of a results file, beside its extractor and sample count."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """One decode configuration of one model: the results rows' ``schedule``, ``cache`` and ``distill``."""
+
+    schedule: str
+    cache: str
+    distill: str = "progressive"
+
+    def label(self) -> str:
+        distill = "" if self.distill == "progressive" else f" ({self.distill} distillation)"
+        return f"{self.schedule}/{self.cache}{distill}"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """``candidate`` against ``baseline``: ``better`` (lower distance), ``worse`` (higher), or ``within`` (claim (a))."""
+
+    key: str
+    statement: str
+    candidate: Config
+    baseline: Config
+    test: str
+    width: int | None = None  # claim (e): the width whose held-out CE is reported
+
+
+CACHED = "refresh_on_switch"
+CLAIMS = (
+    Claim("a", "magnets_3333 cached within 10% of maskgit_12's FID at >= 2.5x fewer GFLOPs",
+          Config("magnets_3333", CACHED), Config("maskgit_12", "none"), "within"),
+    Claim("b", "scale-up beats scale-down at equal steps",
+          Config("magnets_3333", CACHED), Config("scale_down_3333", CACHED), "better"),
+    Claim("c", "smooth magnets_3333 beats abrupt abrupt_6006",
+          Config("magnets_3333", CACHED), Config("abrupt_6006", CACHED), "better"),
+    Claim("d", "no refresh is worse than refresh on switch",
+          Config("magnets_3333", "no_refresh"), Config("magnets_3333", CACHED), "worse"),
+    *(
+        Claim(f"e (m_{p})", f"progressive distillation beats none at width 1/{p}",
+              Config(f"m{p}_12", "none", "progressive"), Config(f"m{p}_12", "none", "none"), "better", width=p)
+        for p in (8, 4, 2)
+    ),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One configuration's distance over its seeds: mean, sample std (NaN for one seed), their number, GFLOPs, rFID and
+    the held-out CE of its model at a width (NaN where not asked or not found)."""
+
+    mean: float
+    std: float
+    n: int
+    gflops: float
+    rfid: float
+    checkpoint: str
+    held_out_ce: float = math.nan
+
+
+def seed_rows(results: pd.DataFrame, extractor: str, samples: int | None) -> pd.DataFrame:
+    """The rows of one seed each (not the ``mean``/``std`` rows) at ``extractor`` and ``samples`` (default: the largest
+    count evaluated with that extractor), the newest row of each configuration, checkpoint and seed kept, with the
+    Fréchet distance as ``distance``."""
+    rows = results[(results["extractor"] == extractor) & (results["aggregate"].fillna("") == "")].copy()
+    if rows.empty:
+        found = sorted(results["extractor"].dropna().unique())
+        raise ValueError(f"no seed rows with extractor {extractor!r} in the results; extractors present: {found}")
+    if samples is None:
+        samples = int(rows["samples"].max())
+    rows = rows[rows["samples"] == samples]
+    if rows.empty:
+        raise ValueError(f"no {extractor} rows of {samples} samples; counts present: {sorted(results['samples'].unique())}")
+    rows["distance"] = rows["fid"].where(rows["fid"].notna(), rows["fvd"])
+    rows["order"] = range(len(rows))
+    return rows.drop_duplicates([*CONFIG_COLUMNS, "checkpoint", "seed"], keep="last")
+
+
+def held_out_ce(checkpoint: str, width: int) -> float:
+    """The held-out masked-token CE at width 1/``width`` in the ``metrics.json`` of the run that saved ``checkpoint``
+    (``<run>/checkpoints/last.ckpt``); NaN when that file or key is missing."""
+    metrics = Path(checkpoint).parent.parent / "metrics.json"
+    if not metrics.is_file():
+        return math.nan
+    return float(json.loads(metrics.read_text()).get(f"val/loss/p{width}", math.nan))
+
+
+def measure(rows: pd.DataFrame, config: Config, width: int | None = None) -> Measured | None:
+    """``config``'s seeds in ``rows`` (of its newest checkpoint: the one of the last row written), or None if absent."""
+    match = rows[
+        (rows["schedule"] == config.schedule)
+        & (rows["cache"] == config.cache)
+        & (rows["distill"] == config.distill)
+        & (rows["guidance"].astype(float) == 0.0)
+    ]
+    if match.empty:
+        return None
+    checkpoint = str(match.sort_values("order")["checkpoint"].iloc[-1])
+    match = match[match["checkpoint"] == checkpoint]
+    distances = match["distance"].astype(float)
+    return Measured(
+        mean=float(distances.mean()),
+        std=float(distances.std(ddof=1)) if len(match) > 1 else math.nan,
+        n=len(match),
+        gflops=float(match["gflops_per_sample"].astype(float).mean()),
+        rfid=float(match["rfid"].astype(float).mean()),
+        checkpoint=checkpoint,
+        held_out_ce=held_out_ce(checkpoint, width) if width is not None else math.nan,
+    )
+
+
+def standard_error(candidate: Measured, baseline: Measured, baseline_factor: float = 1.0) -> float:
+    """Standard error of ``candidate.mean - baseline_factor * baseline.mean`` (NaN when a side has one seed)."""
+    return math.sqrt(candidate.std**2 / candidate.n + (baseline_factor * baseline.std) ** 2 / baseline.n)
+
+
+def verdict(claim: Claim, candidate: Measured, baseline: Measured) -> tuple[str, str]:
+    """``(verdict, why)`` of ``claim`` from the two measurements (see the module docstring)."""
+    if claim.test == "within":
+        excess = candidate.mean - (1 + FID_MARGIN) * baseline.mean  # > 0: outside the margin
+        se = standard_error(candidate, baseline, 1 + FID_MARGIN)
+        ratio = baseline.gflops / candidate.gflops
+        excess_percent = 100 * (candidate.mean / baseline.mean - 1)
+        gap = f"FID {excess_percent:+.1f}% (limit +{100 * FID_MARGIN:.0f}%), {ratio:.2f}x fewer GFLOPs"
+        if ratio < GFLOPS_RATIO:
+            return "fails", f"{gap}: below {GFLOPS_RATIO}x"
+        if math.isnan(se):
+            return ("holds" if excess <= 0 else "fails"), f"{gap}; one seed: no standard error"
+        if excess > SIGNIFICANCE_SE * se:
+            return "fails", f"{gap}: over the margin by {excess:.2f} > 2 SE ({SIGNIFICANCE_SE * se:.2f})"
+        if excess < -SIGNIFICANCE_SE * se:
+            return "holds", f"{gap}: under the margin by {-excess:.2f} > 2 SE ({SIGNIFICANCE_SE * se:.2f})"
+        return "not resolved", f"{gap}: within 2 SE ({SIGNIFICANCE_SE * se:.2f}) of the margin"
+    sign = -1.0 if claim.test == "better" else 1.0  # the claimed sign of candidate - baseline
+    difference = candidate.mean - baseline.mean
+    se = standard_error(candidate, baseline)
+    gap = f"difference {difference:+.2f}"
+    if math.isnan(se):
+        return ("holds" if sign * difference > 0 else "fails"), f"{gap}; one seed: no standard error"
+    if abs(difference) <= SIGNIFICANCE_SE * se:
+        return "not resolved", f"{gap} within 2 SE ({SIGNIFICANCE_SE * se:.2f})"
+    return ("holds" if sign * difference > 0 else "fails"), f"{gap}, 2 SE {SIGNIFICANCE_SE * se:.2f}"
+
+
+def claims_table(results: pd.DataFrame, extractor: str = "inception_offline", samples: int | None = None) -> pd.DataFrame:
+    """A row per claim (see :data:`CLAIMS`): both sides' mean, std and seeds, GFLOPs, held-out CE for (e), rFID, the
+    verdict and why."""
+    rows = seed_rows(results, extractor, samples)
+    table = []
+    for claim in CLAIMS:
+        candidate = measure(rows, claim.candidate, claim.width)
+        baseline = measure(rows, claim.baseline, claim.width)
+        row = {
+            "claim": claim.key,
+            "statement": claim.statement,
+            "candidate": claim.candidate.label(),
+            "baseline": claim.baseline.label(),
+        }
+        for side, measured in (("candidate", candidate), ("baseline", baseline)):
+            row |= {
+                f"{side}_mean": measured.mean if measured else math.nan,
+                f"{side}_std": measured.std if measured else math.nan,
+                f"{side}_seeds": measured.n if measured else 0,
+                f"{side}_gflops": measured.gflops if measured else math.nan,
+                f"{side}_held_out_ce": measured.held_out_ce if measured else math.nan,
+            }
+        measured_sides = [m for m in (candidate, baseline) if m is not None]
+        row["rfid"] = measured_sides[0].rfid if measured_sides else math.nan
+        if candidate is None or baseline is None:
+            missing = [c.label() for c, m in ((claim.candidate, candidate), (claim.baseline, baseline)) if m is None]
+            row["verdict"], row["why"] = "not measured", f"no {extractor} rows of {' and '.join(missing)}"
+        else:
+            row["verdict"], row["why"] = verdict(claim, candidate, baseline)
+        table.append(row)
+    return pd.DataFrame(table)
+
+
+def claims_markdown(table: pd.DataFrame, extractor: str) -> str:
+    """The claims table as GitHub markdown: one line per claim, means ± std (seeds), GFLOPs, rFID, verdict."""
+
+    def side(row: pd.Series, which: str) -> str:
+        if row[f"{which}_seeds"] == 0:
+            return "–"
+        spread = "" if math.isnan(row[f"{which}_std"]) else f" ± {row[f'{which}_std']:.2f}"
+        ce = row[f"{which}_held_out_ce"]
+        held_out = "" if math.isnan(ce) else f", CE {ce:.3f}"
+        return f"{row[f'{which}_mean']:.2f}{spread} ({row[f'{which}_gflops']:.3f} GFLOPs{held_out})"
+
+    lines = [
+        f"| claim | candidate | baseline | candidate {extractor} | baseline {extractor} | rFID | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for _, row in table.iterrows():
+        rfid = "–" if math.isnan(row["rfid"]) else f"{row['rfid']:.2f}"
+        lines.append(
+            f"| ({row['claim']}) {row['statement']} | {row['candidate']} | {row['baseline']} | {side(row, 'candidate')} "
+            f"| {side(row, 'baseline')} | {rfid} | **{row['verdict']}**: {row['why']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m magnets.claims", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, help="a results.csv written by magnets.evaluate")
+    parser.add_argument("--extractor", default="inception_offline", help="the feature extractor of the rows to use")
+    parser.add_argument("--samples", type=int, default=None, help="the sample count of the rows (default: the largest)")
+    args = parser.parse_args(argv)
+    if not args.results.is_file():
+        print(f"error: no results file at {args.results}: run magnets.evaluate with seeds=[...] first", file=sys.stderr)
+        return 2
+    try:
+        table = claims_table(pd.read_csv(args.results), args.extractor, args.samples)
+    except (ValueError, KeyError) as err:
+        print(f"error: {args.results}: {err}", file=sys.stderr)
+        return 2
+    atomic_write(args.results.with_name("claims.csv"), lambda tmp: table.to_csv(tmp, index=False))
+    markdown = claims_markdown(table, args.extractor)
+    atomic_write_text(args.results.with_name("claims.md"), markdown)
+    print(markdown, end="")
+    print(f"wrote {args.results.with_name('claims.csv')} and claims.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""magnets.claims: the paper's claims table, its verdicts against two standard errors, on results rows built here."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from magnets.claims import CLAIMS, claims_table, main
+from magnets.evaluate import RESULT_COLUMNS
+
+GFLOPS = {"maskgit_12": 1.2, "magnets_3333": 0.4, "scale_down_3333": 0.4, "abrupt_6006": 0.45, "m8_12": 0.1}
+
+
+def seed_row(schedule: str, cache: str, fid: float, seed: int, distill: str = "progressive", **overrides) -> dict:
+    row = dict.fromkeys(RESULT_COLUMNS, "")
+    row |= {
+        "experiment": "fmnist_paper", "checkpoint": f"/runs/{distill}/checkpoints/last.ckpt", "distill": distill,
+        "task": "class_cond", "schedule": schedule, "cache": cache, "guidance": 0.0, "samples": 2000,
+        "extractor": "inception_offline", "seed": seed, "n_seeds": 1, "fid": fid, "rfid": 3.0,
+        "gflops_per_sample": GFLOPS.get(schedule, 0.2),
+    }  # fmt: skip
+    return row | overrides
+
+
+def three_seeds(schedule: str, cache: str, mean: float, spread: float = 0.1, **kw) -> list[dict]:
+    return [seed_row(schedule, cache, mean + d, seed, **kw) for seed, d in enumerate((-spread, 0.0, spread))]
+
+
+def by_claim(table: pd.DataFrame) -> dict[str, pd.Series]:
+    return {row["claim"]: row for _, row in table.iterrows()}
+
+
+def test_verdicts_follow_the_difference_against_two_standard_errors() -> None:
+    rows = [
+        *three_seeds("maskgit_12", "none", 10.0),
+        *three_seeds("magnets_3333", "refresh_on_switch", 10.5),  # +5%: within the 10% margin, clearly
+        *three_seeds("scale_down_3333", "refresh_on_switch", 12.0),  # worse than scale-up by far more than 2 SE
+        *three_seeds("abrupt_6006", "refresh_on_switch", 10.55),  # 0.05 apart with std 0.1: not resolved
+        *three_seeds("magnets_3333", "no_refresh", 9.0),  # better than refresh: claim (d) fails
+    ]
+    claims = by_claim(claims_table(pd.DataFrame(rows)))
+    assert claims["a"]["verdict"] == "holds" and "3.00x fewer GFLOPs" in claims["a"]["why"]
+    assert claims["b"]["verdict"] == "holds"
+    assert claims["c"]["verdict"] == "not resolved"
+    assert claims["d"]["verdict"] == "fails"
+    assert claims["a"]["candidate_mean"] == pytest.approx(10.5)
+    assert claims["a"]["candidate_std"] == pytest.approx(0.1)
+    assert claims["a"]["candidate_seeds"] == 3 and claims["a"]["rfid"] == pytest.approx(3.0)
+    for key in ("e (m_8)", "e (m_4)", "e (m_2)"):  # no rows of the two models' single widths
+        assert claims[key]["verdict"] == "not measured"
+
+
+def test_claim_a_fails_over_the_margin_or_under_the_gflops_ratio() -> None:
+    base = three_seeds("maskgit_12", "none", 10.0)
+    over = by_claim(claims_table(pd.DataFrame([*base, *three_seeds("magnets_3333", "refresh_on_switch", 12.2)])))
+    assert over["a"]["verdict"] == "fails" and "+22.0%" in over["a"]["why"]
+    near = by_claim(claims_table(pd.DataFrame([*base, *three_seeds("magnets_3333", "refresh_on_switch", 11.0, 1.0)])))
+    assert near["a"]["verdict"] == "not resolved"
+    costly = [seed_row("magnets_3333", "refresh_on_switch", 10.0, s, gflops_per_sample=0.6) for s in range(3)]
+    assert by_claim(claims_table(pd.DataFrame([*base, *costly])))["a"]["verdict"] == "fails"
+
+
+def test_claim_e_compares_the_two_models_and_reads_their_held_out_ce(tmp_path) -> None:
+    rows = []
+    for distill, fid, ce in (("progressive", 20.0, 2.5), ("none", 25.0, 2.9)):
+        run = tmp_path / distill
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps({"val/loss/p8": ce, "val/loss/p1": 2.0}))
+        rows += three_seeds("m8_12", "none", fid, distill=distill, checkpoint=str(run / "checkpoints" / "last.ckpt"))
+    claims = by_claim(claims_table(pd.DataFrame(rows)))
+    assert claims["e (m_8)"]["verdict"] == "holds"
+    assert claims["e (m_8)"]["candidate_held_out_ce"] == pytest.approx(2.5)
+    assert claims["e (m_8)"]["baseline_held_out_ce"] == pytest.approx(2.9)
+    assert claims["e (m_4)"]["verdict"] == "not measured"
+
+
+def test_the_newest_checkpoint_and_the_newest_row_of_each_seed_count() -> None:
+    old = three_seeds("maskgit_12", "none", 50.0, checkpoint="/runs/old/checkpoints/last.ckpt")
+    rerun = [seed_row("maskgit_12", "none", 99.0, 0), *three_seeds("maskgit_12", "none", 10.0)]  # seed 0 rerun: 10 - 0.1
+    other_count = three_seeds("maskgit_12", "none", 70.0, samples=500)
+    mean_rows = [seed_row("maskgit_12", "none", 0.0, "", aggregate="mean")]
+    table = claims_table(pd.DataFrame([*old, *rerun, *other_count, *mean_rows]))
+    row = by_claim(table)["a"]
+    assert row["baseline_mean"] == pytest.approx(10.0) and row["baseline_seeds"] == 3
+    assert math.isnan(row["candidate_mean"]) and row["verdict"] == "not measured"
+
+
+def test_one_seed_has_no_standard_error_but_a_verdict() -> None:
+    rows = [seed_row("magnets_3333", "refresh_on_switch", 10.0, 0), seed_row("scale_down_3333", "refresh_on_switch", 11.0, 0)]
+    row = by_claim(claims_table(pd.DataFrame(rows)))["b"]
+    assert row["verdict"] == "holds" and "one seed" in row["why"] and math.isnan(row["candidate_std"])
+
+
+def test_cli_writes_the_table_and_names_a_bad_extractor(tmp_path, capsys) -> None:
+    results = tmp_path / "results.csv"
+    pd.DataFrame([*three_seeds("maskgit_12", "none", 10.0), *three_seeds("magnets_3333", "refresh_on_switch", 10.2)]).to_csv(
+        results, index=False
+    )
+    assert main([str(results)]) == 0
+    written = pd.read_csv(tmp_path / "claims.csv")
+    assert list(written["claim"]) == [c.key for c in CLAIMS]
+    markdown = (tmp_path / "claims.md").read_text()
+    assert "| (a) magnets_3333 cached" in markdown and "**holds**" in markdown and "10.20 ± 0.10" in markdown
+    assert main([str(results), "--extractor", "inception_fidelity"]) == 2
+    assert "extractors present: ['inception_offline']" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing.csv")]) == 2
