@@ -17,6 +17,7 @@ from magnets.errors import ConfigError
 from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.masking import mask_ratio, random_training_mask
 from magnets.pipeline import train
+from magnets.sampling import load_schedule
 
 MODEL = dict(codebook_size=16, grid=[8], num_classes=3, dim=32, depth=1, heads=1, mlp_dim=32, widths=[8, 4, 2, 1])
 
@@ -101,11 +102,16 @@ def record_losses(monkeypatch) -> list[tuple[int, float]]:
     return seen
 
 
-def test_single_width_plain_maskgit_trains(tiny_cfg, monkeypatch):
-    tiny_cfg.model.widths = [1]
+@pytest.mark.parametrize("width", [1, 8])  # plain MaskGIT; the distillation ablation's m_8 trained alone (single_8)
+def test_single_width_plain_maskgit_trains(tiny_cfg, width):
+    tiny_cfg.model.widths = [width]
     tiny_cfg.distill.mode = "none"
     out = train(tiny_cfg)
-    assert set(k for k in out["maskgit"]["metrics"] if k.startswith("val/loss/")) == {"val/loss/p1"}
+    assert set(k for k in out["maskgit"]["metrics"] if k.startswith("val/loss/")) == {f"val/loss/p{width}"}
+    model = out["maskgit"]["module"].model
+    assert load_schedule(f"m{width}_12" if width > 1 else "maskgit_12").width_per_step(model.cfg.widths) == [width] * 12
+    with pytest.raises(ValueError, match=r"names widths \[4, 2, 1\]|names widths \[8, 4, 2\]"):
+        load_schedule("magnets_3333").width_per_step(model.cfg.widths)  # widths it never trained are refused
 
 
 def test_killed_and_resumed_run_continues_the_unbroken_loss_curve(tiny_cfg, tmp_path):

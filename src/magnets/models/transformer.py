@@ -64,8 +64,10 @@ class TransformerConfig:
             raise ValueError(f"dim={self.dim} is not divisible by width factors {bad}; widths must divide dim: {self.widths}")
         if self.dim % self.heads:
             raise ValueError(f"dim={self.dim} is not divisible by heads={self.heads}")
-        if 1 not in self.widths:
-            raise ValueError(f"widths must include 1 (the full model), got {self.widths}")
+        # Usually [8, 4, 2, 1]; a single width p < 1 trains m_p alone (the distillation ablation's baseline), its
+        # weights beyond the first D/p channels unused.
+        if not self.widths or len(set(self.widths)) != len(self.widths):
+            raise ValueError(f"widths must be distinct width factors, e.g. [8, 4, 2, 1]; got {self.widths}")
 
     @classmethod
     def from_size(cls, size: str, **fields: object) -> TransformerConfig:
