@@ -467,3 +467,9 @@ def test_seeds_give_error_bars_an_rfid_floor_and_a_significance_table(seeded) ->
     ac = pairs[pairs.a.isin([A[0], C[0]]) & pairs.b.isin([A[0], C[0]])].iloc[0]
     assert ac.se == pytest.approx(np.sqrt(0.2**2 / 3 + 1.5**2 / 3)) and abs(ac.difference) == pytest.approx(0.5)
     assert f"panel {SEED_PANEL}: 3 of 6 pair(s) differ by more than 2 SE" in stdout
+
+    # The claims table of the Inception rows: the fixture's rows are at guidance 2, the claims at guidance 0.
+    claims = pd.read_csv(figures / "claims_fmnist_inception_offline.csv")
+    assert list(claims["claim"]) == ["a", "b", "c", "d", "e (m_8)", "e (m_4)", "e (m_2)"]
+    assert set(claims["verdict"]) == {"not measured"} and "fmnist · inception_offline: {'not measured': 7}" in stdout
+    assert not (figures / "claims_fmnist_fmnist_classifier.csv").exists()  # classifier features: no claims
