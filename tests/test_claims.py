@@ -8,10 +8,11 @@ import math
 import pandas as pd
 import pytest
 
-from magnets.claims import CLAIMS, claims_table, main
+from magnets.claims import CLAIMS, claims_table, front_table, main
 from magnets.evaluate import RESULT_COLUMNS
 
 GFLOPS = {"maskgit_12": 1.2, "magnets_3333": 0.4, "scale_down_3333": 0.4, "abrupt_6006": 0.45, "m8_12": 0.1}
+WIDTHS = {"maskgit_12": "1", "maskgit_4": "1", "m2_12": "2", "m8_12": "8", "scale_down_3333": "1-2-4-8"}
 
 
 def seed_row(schedule: str, cache: str, fid: float, seed: int, distill: str = "progressive", **overrides) -> dict:
@@ -20,7 +21,7 @@ def seed_row(schedule: str, cache: str, fid: float, seed: int, distill: str = "p
         "experiment": "fmnist_paper", "checkpoint": f"/runs/{distill}/checkpoints/last.ckpt", "distill": distill,
         "task": "class_cond", "schedule": schedule, "cache": cache, "guidance": 0.0, "samples": 2000,
         "extractor": "inception_offline", "seed": seed, "n_seeds": 1, "fid": fid, "rfid": 3.0,
-        "gflops_per_sample": GFLOPS.get(schedule, 0.2),
+        "gflops_per_sample": GFLOPS.get(schedule, 0.2), "widths": WIDTHS.get(schedule, "8-4-2-1"),
     }  # fmt: skip
     return row | overrides
 
@@ -103,7 +104,31 @@ def test_cli_writes_the_table_and_names_a_bad_extractor(tmp_path, capsys) -> Non
     written = pd.read_csv(tmp_path / "claims.csv")
     assert list(written["claim"]) == [c.key for c in CLAIMS]
     markdown = (tmp_path / "claims.md").read_text()
-    assert "| (a) magnets_3333 cached" in markdown and "**holds**" in markdown and "10.20 ± 0.10" in markdown
+    assert "| **a** magnets_3333 cached" in markdown and "**holds**" in markdown and "10.20 ± 0.10" in markdown
+    assert "0 of 1 nested-schedule configurations lie strictly below the static front" in markdown
+    assert pd.read_csv(tmp_path / "front.csv")["position"].tolist() == ["cheapest"]  # maskgit_12 costs 3x more
     assert main([str(results), "--extractor", "inception_fidelity"]) == 2
     assert "extractors present: ['inception_offline']" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.csv")]) == 2
+
+
+def test_front_places_each_nested_schedule_against_the_best_static_one_as_cheap() -> None:
+    rows = [
+        *three_seeds("maskgit_12", "none", 10.0),  # 1.2 GFLOPs
+        *three_seeds("maskgit_4", "refresh_on_switch", 14.0, gflops_per_sample=0.35),
+        *three_seeds("m2_12", "none", 13.0, gflops_per_sample=0.45),  # the better static point at <= 0.45
+        *three_seeds("m8_12", "none", 30.0),  # 0.1 GFLOPs
+        *three_seeds("magnets_3333", "refresh_on_switch", 11.0),  # 0.4: best static at <= 0.4 is maskgit_4 (14)
+        *three_seeds("abrupt_6006", "refresh_on_switch", 13.1),  # 0.45: against m2_12 (13.0), within noise
+        *three_seeds("scale_down_3333", "none", 40.0, gflops_per_sample=0.5),  # worse than m2_12
+        *three_seeds("magnets_2222", "no_refresh", 20.0, gflops_per_sample=0.05),  # cheaper than every static point
+    ]
+    front = front_table(pd.DataFrame(rows)).set_index("schedule")
+    assert list(front.index) == ["magnets_2222", "magnets_3333", "abrupt_6006", "scale_down_3333"]  # by GFLOPs
+    assert front.loc["magnets_3333", "best_static"] == "maskgit_4/refresh_on_switch"
+    assert front.loc["magnets_3333", "position"] == "below"
+    assert front.loc["magnets_3333", "difference"] == pytest.approx(-3.0)
+    assert front.loc["magnets_3333", "two_se"] == pytest.approx(2 * math.sqrt(2 * 0.01 / 3))
+    assert front.loc["abrupt_6006", "best_static"] == "m2_12/none" and front.loc["abrupt_6006", "position"] == "on"
+    assert front.loc["scale_down_3333", "position"] == "above"
+    assert front.loc["magnets_2222", "position"] == "cheapest"

@@ -18,6 +18,10 @@ The claims, all at the same extractor and sample count:
 (e) progressive distillation beats none for the small widths: ``m{p}_12`` uncached of the progressively distilled
     nested model below that of the nested model trained on ground truth only (``distill`` column), for p = 8, 4, 2.
 
+Beside them, ``front.csv`` (and a second markdown table) places every configuration of a schedule over several widths
+against the static front: the best configuration of one width for all steps (plain MaskGIT at some K, or one
+sub-model alone) of at most its GFLOPs; ``below`` it means better by more than two standard errors.
+
 A comparison *holds* when the difference has the claimed sign and exceeds two standard errors of the difference
 (``sqrt(s1^2/n1 + s2^2/n2)``, the seeds' sample standard deviations), *fails* when it exceeds them with the other sign
 (for (a): when FID exceeds 1.1x the baseline's by more than two standard errors, or the GFLOPs ratio is below 2.5),
@@ -56,7 +60,7 @@ class Config:
     distill: str = "progressive"
 
     def label(self) -> str:
-        distill = "" if self.distill == "progressive" else f" ({self.distill} distillation)"
+        distill = {"progressive": "", "none": " (no distillation)", "single": " (single width)"}.get(self.distill, "")
         return f"{self.schedule}/{self.cache}{distill}"
 
 
@@ -221,6 +225,79 @@ def claims_table(results: pd.DataFrame, extractor: str = "inception_offline", sa
     return pd.DataFrame(table)
 
 
+def configurations(rows: pd.DataFrame, distill: str = "progressive") -> pd.DataFrame:
+    """Every schedule and cache mode of the ``distill`` model at guidance 0 in ``rows`` (of :func:`seed_rows`): its
+    ``widths``, whether it is ``static`` (one width for every step: plain MaskGIT at some K, or one sub-model alone),
+    and the :class:`Measured` fields over its seeds."""
+    table = []
+    for (schedule, cache), group in rows[rows["distill"] == distill].groupby(["schedule", "cache"]):
+        measured = measure(rows, Config(str(schedule), str(cache), distill))
+        if measured is None:  # only rows at another guidance
+            continue
+        widths = str(group["widths"].iloc[-1])
+        table.append({"schedule": schedule, "cache": cache, "widths": widths, "static": "-" not in widths,
+                      "mean": measured.mean, "std": measured.std, "n": measured.n, "gflops": measured.gflops})  # fmt: skip
+    return pd.DataFrame(table, columns=["schedule", "cache", "widths", "static", "mean", "std", "n", "gflops"])
+
+
+def front_table(results: pd.DataFrame, extractor: str = "inception_offline", samples: int | None = None) -> pd.DataFrame:
+    """Each nested-schedule configuration against the static front: the best static configuration (lowest mean
+    distance) of at most its GFLOPs, their difference and two standard errors of it, and where it lies: ``below`` the
+    front (better by more than 2 SE), ``above`` it (worse by more than 2 SE), ``on`` it (within 2 SE), or ``cheapest``
+    (no static configuration is as cheap)."""
+    configs = configurations(seed_rows(results, extractor, samples))
+    static = configs[configs["static"]]
+    table = []
+    for _, nested in configs[~configs["static"]].sort_values("gflops").iterrows():
+        row = {"schedule": nested["schedule"], "cache": nested["cache"], "gflops": nested["gflops"],
+               "mean": nested["mean"], "std": nested["std"], "n": nested["n"]}  # fmt: skip
+        cheaper = static[static["gflops"] <= nested["gflops"]]
+        if cheaper.empty:
+            table.append(row | {"best_static": "", "best_static_gflops": math.nan, "best_static_mean": math.nan,
+                                "best_static_std": math.nan, "difference": math.nan, "two_se": math.nan,
+                                "position": "cheapest"})  # fmt: skip
+            continue
+        best = cheaper.loc[cheaper["mean"].idxmin()]
+        difference = nested["mean"] - best["mean"]
+        two_se = SIGNIFICANCE_SE * math.sqrt(nested["std"] ** 2 / nested["n"] + best["std"] ** 2 / best["n"])
+        if math.isnan(two_se):
+            position = "below" if difference < 0 else "above"
+        else:
+            position = "below" if difference < -two_se else "above" if difference > two_se else "on"
+        table.append(row | {"best_static": f"{best['schedule']}/{best['cache']}", "best_static_gflops": best["gflops"],
+                            "best_static_mean": best["mean"], "best_static_std": best["std"], "difference": difference,
+                            "two_se": two_se, "position": position})  # fmt: skip
+    return pd.DataFrame(table)
+
+
+def front_markdown(front: pd.DataFrame, extractor: str) -> str:
+    """The static-front comparison as GitHub markdown, with a closing count of the configurations below it."""
+
+    def spread(mean: float, std: float) -> str:
+        return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+    lines = [
+        f"| nested schedule | GFLOPs | {extractor} | best static at ≤ its GFLOPs | its GFLOPs | its {extractor} "
+        "| difference (2 SE) | position |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for _, row in front.iterrows():
+        if row["position"] == "cheapest":
+            static = "– | – | –"
+            difference = "–"
+        else:
+            best = spread(row["best_static_mean"], row["best_static_std"])
+            static = f"{row['best_static']} | {row['best_static_gflops']:.3f} | {best}"
+            difference = f"{row['difference']:+.2f} ({row['two_se']:.2f})"
+        lines.append(
+            f"| {row['schedule']}/{row['cache']} | {row['gflops']:.3f} | {spread(row['mean'], row['std'])} | {static} "
+            f"| {difference} | **{row['position']}** |"
+        )
+    below = int((front["position"] == "below").sum()) if not front.empty else 0
+    lines.append(f"\n{below} of {len(front)} nested-schedule configurations lie strictly below the static front.")
+    return "\n".join(lines) + "\n"
+
+
 def claims_markdown(table: pd.DataFrame, extractor: str) -> str:
     """The claims table as GitHub markdown: one line per claim, means ± std (seeds), GFLOPs, rFID, verdict."""
 
@@ -239,7 +316,7 @@ def claims_markdown(table: pd.DataFrame, extractor: str) -> str:
     for _, row in table.iterrows():
         rfid = "–" if math.isnan(row["rfid"]) else f"{row['rfid']:.2f}"
         lines.append(
-            f"| ({row['claim']}) {row['statement']} | {row['candidate']} | {row['baseline']} | {side(row, 'candidate')} "
+            f"| **{row['claim']}** {row['statement']} | {row['candidate']} | {row['baseline']} | {side(row, 'candidate')} "
             f"| {side(row, 'baseline')} | {rfid} | **{row['verdict']}**: {row['why']} |"
         )
     return "\n".join(lines) + "\n"
@@ -259,11 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError) as err:
         print(f"error: {args.results}: {err}", file=sys.stderr)
         return 2
+    front = front_table(pd.read_csv(args.results), args.extractor, args.samples)
     atomic_write(args.results.with_name("claims.csv"), lambda tmp: table.to_csv(tmp, index=False))
-    markdown = claims_markdown(table, args.extractor)
+    atomic_write(args.results.with_name("front.csv"), lambda tmp: front.to_csv(tmp, index=False))
+    markdown = claims_markdown(table, args.extractor) + "\n" + front_markdown(front, args.extractor)
     atomic_write_text(args.results.with_name("claims.md"), markdown)
     print(markdown, end="")
-    print(f"wrote {args.results.with_name('claims.csv')} and claims.md")
+    print(f"wrote {args.results.with_name('claims.csv')}, front.csv and claims.md")
     return 0
 
 
