@@ -67,7 +67,8 @@ sweep: setup
 sweep-train: setup
 	$(PY) -m magnets.train experiment=$(EXP) +sweep=$(SWEEP) $(ARGS)
 
-# The paper's five claims with mean ± std and a verdict each, from runs/$(EXP)/results.csv (claims.md, claims.csv)
+# The paper's five claims with mean ± std and a verdict each, from runs/$(EXP)/results.csv
+# (claims_<extractor>.md and .csv, front_<extractor>.csv: nested schedules against the static front)
 claims: setup
 	$(PY) -m magnets.claims runs/$(EXP)/results.csv $(ARGS)
 

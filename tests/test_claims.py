@@ -101,12 +101,12 @@ def test_cli_writes_the_table_and_names_a_bad_extractor(tmp_path, capsys) -> Non
         results, index=False
     )
     assert main([str(results)]) == 0
-    written = pd.read_csv(tmp_path / "claims.csv")
+    written = pd.read_csv(tmp_path / "claims_inception_offline.csv")
     assert list(written["claim"]) == [c.key for c in CLAIMS]
-    markdown = (tmp_path / "claims.md").read_text()
+    markdown = (tmp_path / "claims_inception_offline.md").read_text()
     assert "| **a** magnets_3333 cached" in markdown and "**holds**" in markdown and "10.20 ± 0.10" in markdown
     assert "0 of 1 nested-schedule configurations lie strictly below the static front" in markdown
-    assert pd.read_csv(tmp_path / "front.csv")["position"].tolist() == ["cheapest"]  # maskgit_12 costs 3x more
+    assert pd.read_csv(tmp_path / "front_inception_offline.csv")["position"].tolist() == ["cheapest"]  # maskgit_12 costs 3x more
     assert main([str(results), "--extractor", "inception_fidelity"]) == 2
     assert "extractors present: ['inception_offline']" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.csv")]) == 2

@@ -6,7 +6,8 @@ errors, and a verdict.
 
 Reads the seed rows that ``magnets.evaluate seeds=[...]`` appended to a results CSV (the newest row of each seed of a
 configuration) and, for claim (e), the held-out masked-token cross-entropy per width in the ``metrics.json`` beside the
-evaluated checkpoints' runs. Writes ``claims.csv`` and ``claims.md`` beside the results file and prints the markdown.
+evaluated checkpoints' runs. Writes ``claims_<extractor>.csv`` and ``claims_<extractor>.md`` beside the results file
+and prints the markdown.
 
 The claims, all at the same extractor and sample count:
 
@@ -18,7 +19,7 @@ The claims, all at the same extractor and sample count:
 (e) progressive distillation beats none for the small widths: ``m{p}_12`` uncached of the progressively distilled
     nested model below that of the nested model trained on ground truth only (``distill`` column), for p = 8, 4, 2.
 
-Beside them, ``front.csv`` (and a second markdown table) places every configuration of a schedule over several widths
+Beside them, ``front_<extractor>.csv`` (and a second markdown table) places every configuration of a schedule over several widths
 against the static front: the best configuration of one width for all steps (plain MaskGIT at some K, or one
 sub-model alone) of at most its GFLOPs; ``below`` it means better by more than two standard errors.
 
@@ -337,12 +338,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.results}: {err}", file=sys.stderr)
         return 2
     front = front_table(pd.read_csv(args.results), args.extractor, args.samples)
-    atomic_write(args.results.with_name("claims.csv"), lambda tmp: table.to_csv(tmp, index=False))
-    atomic_write(args.results.with_name("front.csv"), lambda tmp: front.to_csv(tmp, index=False))
+    claims_csv = args.results.with_name(f"claims_{args.extractor}.csv")
+    front_csv = args.results.with_name(f"front_{args.extractor}.csv")
+    claims_md = args.results.with_name(f"claims_{args.extractor}.md")
+    atomic_write(claims_csv, lambda tmp: table.to_csv(tmp, index=False))
+    atomic_write(front_csv, lambda tmp: front.to_csv(tmp, index=False))
     markdown = claims_markdown(table, args.extractor) + "\n" + front_markdown(front, args.extractor)
-    atomic_write_text(args.results.with_name("claims.md"), markdown)
+    atomic_write_text(claims_md, markdown)
     print(markdown, end="")
-    print(f"wrote {args.results.with_name('claims.csv')}, front.csv and claims.md")
+    print(f"wrote {claims_csv}, {front_csv.name} and {claims_md.name}")
     return 0
 
 
