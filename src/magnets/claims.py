@@ -332,12 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.results.is_file():
         print(f"error: no results file at {args.results}: run magnets.evaluate with seeds=[...] first", file=sys.stderr)
         return 2
+    results = pd.read_csv(args.results)
     try:
-        table = claims_table(pd.read_csv(args.results), args.extractor, args.samples)
+        table = claims_table(results, args.extractor, args.samples)
     except (ValueError, KeyError) as err:
         print(f"error: {args.results}: {err}", file=sys.stderr)
         return 2
-    front = front_table(pd.read_csv(args.results), args.extractor, args.samples)
+    front = front_table(results, args.extractor, args.samples)
     claims_csv = args.results.with_name(f"claims_{args.extractor}.csv")
     front_csv = args.results.with_name(f"front_{args.extractor}.csv")
     claims_md = args.results.with_name(f"claims_{args.extractor}.md")
