@@ -8,7 +8,7 @@ import math
 import pandas as pd
 import pytest
 
-from magnets.claims import CLAIMS, claims_table, front_table, main
+from magnets.claims import CLAIMS, claims_table, distillation_markdown, distillation_table, front_table, main
 from magnets.evaluate import RESULT_COLUMNS
 
 GFLOPS = {"maskgit_12": 1.2, "magnets_3333": 0.4, "scale_down_3333": 0.4, "abrupt_6006": 0.45, "m8_12": 0.1}
@@ -107,6 +107,9 @@ def test_cli_writes_the_table_and_names_a_bad_extractor(tmp_path, capsys) -> Non
     assert "| **a** magnets_3333 cached" in markdown and "**holds**" in markdown and "10.20 ± 0.10" in markdown
     assert "0 of 1 nested-schedule configurations lie strictly below the static front" in markdown
     assert pd.read_csv(tmp_path / "front_inception_offline.csv")["position"].tolist() == ["cheapest"]  # maskgit_12 costs 3x more
+    distillation = pd.read_csv(tmp_path / "distillation_inception_offline.csv")
+    assert distillation.loc[(distillation["distill"] == "progressive") & (distillation["width"] == 1), "mean"].item() == 10.0
+    assert "| m_1 (maskgit_12, none) |" in markdown
     assert main([str(results), "--extractor", "inception_fidelity"]) == 2
     assert "extractors present: ['inception_offline']" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.csv")]) == 2
@@ -132,3 +135,33 @@ def test_front_places_each_nested_schedule_against_the_best_static_one_as_cheap(
     assert front.loc["abrupt_6006", "best_static"] == "m2_12/none" and front.loc["abrupt_6006", "position"] == "on"
     assert front.loc["scale_down_3333", "position"] == "above"
     assert front.loc["magnets_2222", "position"] == "cheapest"
+
+
+def test_distillation_table_per_width_and_model_with_held_out_ce(tmp_path) -> None:
+    rows = []
+    for distill, run_name, widths in (("progressive", "prog", (8, 4, 2, 1)), ("none", "none", (8, 4, 2, 1))):
+        run = tmp_path / run_name
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps({f"val/loss/p{p}": 4.0 + p / 10 for p in widths}))
+        for p in widths:
+            schedule = "maskgit_12" if p == 1 else f"m{p}_12"
+            fid = 10.0 + p + (2.0 if distill == "none" else 0.0)
+            rows += three_seeds(schedule, "none", fid, distill=distill, checkpoint=str(run / "checkpoints" / "last.ckpt"))
+        rows += three_seeds("magnets_3333", "refresh_on_switch", 12.0, distill=distill,
+                            checkpoint=str(run / "checkpoints" / "last.ckpt"))  # fmt: skip
+    single = tmp_path / "single_8"
+    (single / "checkpoints").mkdir(parents=True)
+    (single / "metrics.json").write_text(json.dumps({"val/loss/p8": 5.5}))
+    rows += three_seeds("m8_12", "none", 30.0, distill="single", checkpoint=str(single / "checkpoints" / "last.ckpt"))
+    table = distillation_table(pd.DataFrame(rows)).set_index(["distill", "width"])
+    assert table.loc[("progressive", 8), "mean"] == pytest.approx(18.0)
+    assert table.loc[("none", 8), "mean"] == pytest.approx(20.0) and table.loc[("none", 8), "n"] == 3
+    assert table.loc[("none", 4), "held_out_ce"] == pytest.approx(4.4)
+    assert table.loc[("progressive", 1), "schedule"] == "maskgit_12"
+    assert table.loc[("single", 8), "mean"] == pytest.approx(30.0) and table.loc[("single", 8), "held_out_ce"] == 5.5
+    assert table.loc[("single", 4), "n"] == 0 and math.isnan(table.loc[("single", 4), "mean"])  # not trained
+    assert table.loc[("progressive", 0), "schedule"] == "magnets_3333" and table.loc[("none", 0), "mean"] == 12.0
+    markdown = distillation_markdown(table.reset_index(), "inception_offline")
+    assert "| m_8 (m8_12, none) | 4.800 | 18.00 ± 0.10 (3) | 4.800 | 20.00 ± 0.10 (3) | 5.500 | 30.00 ± 0.10 (3) |" in markdown
+    assert "| m_4 (m4_12, none) | 4.400 | 14.00 ± 0.10 (3) | 4.400 | 16.00 ± 0.10 (3) | – | – |" in markdown
+    assert "| nested (magnets_3333, refresh_on_switch) | – | 12.00 ± 0.10 (3) | – | 12.00 ± 0.10 (3) | – | – |" in markdown

@@ -21,7 +21,11 @@ The claims, all at the same extractor and sample count:
 
 Beside them, ``front_<extractor>.csv`` (and a second markdown table) places every configuration of a schedule over several widths
 against the static front: the best configuration of one width for all steps (plain MaskGIT at some K, or one
-sub-model alone) of at most its GFLOPs; ``below`` it means better by more than two standard errors.
+sub-model alone) of at most its GFLOPs; ``below`` it means better by more than two standard errors. And
+``distillation_<extractor>.csv`` (a third table) is the distillation ablation: for each width, the held-out CE and the
+distance of that width alone (``m{p}_12``, ``maskgit_12`` at full width; uncached) of the progressively distilled
+nested model, the nested model on ground truth only and the single-width model trained alone; then ``magnets_3333``
+cached for the two nested models.
 
 A comparison *holds* when the difference has the claimed sign and exceeds two standard errors of the difference
 (``sqrt(s1^2/n1 + s2^2/n2)``, the seeds' sample standard deviations), *fails* when it exceeds them with the other sign
@@ -271,6 +275,63 @@ def front_table(results: pd.DataFrame, extractor: str = "inception_offline", sam
     return pd.DataFrame(table)
 
 
+DISTILL_MODES = ("progressive", "none", "single")
+"""The distillation ablation's models: nested with progressive distillation, nested on ground truth only, and one
+single-width model per width trained alone (the ``distill`` column of the results)."""
+DISTILL_WIDTHS = (8, 4, 2, 1)
+NESTED_SCHEDULE = Config("magnets_3333", CACHED)
+"""The nested schedule the ablation also reports for the two nested models."""
+
+
+def width_schedule(width: int) -> str:
+    """The static 12-step schedule of one width: ``m{p}_12``, or ``maskgit_12`` for the full width."""
+    return "maskgit_12" if width == 1 else f"m{width}_12"
+
+
+def distillation_table(results: pd.DataFrame, extractor: str = "inception_offline", samples: int | None = None) -> pd.DataFrame:
+    """The distillation ablation, a row per model (``distill``: progressive, none, single) and width: the held-out CE
+    of that model at that width and the distance of its 12 uncached steps at that width alone (mean, std, seeds,
+    GFLOPs); then ``magnets_3333`` cached for the two nested models (``width`` 0, no CE). Missing ones are NaN."""
+    rows = seed_rows(results, extractor, samples)
+    wanted = [(mode, width, Config(width_schedule(width), "none", mode)) for width in DISTILL_WIDTHS for mode in DISTILL_MODES]
+    wanted += [(mode, 0, Config(NESTED_SCHEDULE.schedule, NESTED_SCHEDULE.cache, mode)) for mode in DISTILL_MODES[:2]]
+    table = []
+    for mode, width, config in wanted:
+        measured = measure(rows, config, width or None)
+        table.append({
+            "distill": mode, "width": width, "schedule": config.schedule, "cache": config.cache,
+            "mean": measured.mean if measured else math.nan, "std": measured.std if measured else math.nan,
+            "n": measured.n if measured else 0, "gflops": measured.gflops if measured else math.nan,
+            "held_out_ce": measured.held_out_ce if measured else math.nan,
+            "checkpoint": measured.checkpoint if measured else "",
+        })  # fmt: skip
+    return pd.DataFrame(table)
+
+
+def distillation_markdown(table: pd.DataFrame, extractor: str) -> str:
+    """The distillation ablation as GitHub markdown: a line per width (then ``magnets_3333`` cached), and for each
+    model its held-out CE and distance (mean ± std over the seeds)."""
+    header = " | ".join(f"{mode} CE | {mode} {extractor}" for mode in DISTILL_MODES)
+    lines = [f"| sub-model (schedule, cache) | {header} |", "|---" * (1 + 2 * len(DISTILL_MODES)) + "|"]
+    for (width, schedule, cache), group in table.groupby(["width", "schedule", "cache"], sort=False):
+        cells = []
+        for mode in DISTILL_MODES:
+            row = group[group["distill"] == mode]
+            if row.empty:
+                cells += ["–", "–"]
+                continue
+            row = row.iloc[0]
+            cells.append("–" if math.isnan(row["held_out_ce"]) else f"{row['held_out_ce']:.3f}")
+            if row["n"] == 0:
+                cells.append("–")
+            else:
+                spread = "" if math.isnan(row["std"]) else f" ± {row['std']:.2f}"
+                cells.append(f"{row['mean']:.2f}{spread} ({row['n']})")
+        name = f"m_{width}" if width else "nested"
+        lines.append(f"| {name} ({schedule}, {cache}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def front_markdown(front: pd.DataFrame, extractor: str) -> str:
     """The static-front comparison as GitHub markdown, with a closing count of the configurations below it."""
 
@@ -339,15 +400,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.results}: {err}", file=sys.stderr)
         return 2
     front = front_table(results, args.extractor, args.samples)
+    distillation = distillation_table(results, args.extractor, args.samples)
     claims_csv = args.results.with_name(f"claims_{args.extractor}.csv")
     front_csv = args.results.with_name(f"front_{args.extractor}.csv")
+    distillation_csv = args.results.with_name(f"distillation_{args.extractor}.csv")
     claims_md = args.results.with_name(f"claims_{args.extractor}.md")
     atomic_write(claims_csv, lambda tmp: table.to_csv(tmp, index=False))
     atomic_write(front_csv, lambda tmp: front.to_csv(tmp, index=False))
-    markdown = claims_markdown(table, args.extractor) + "\n" + front_markdown(front, args.extractor)
+    atomic_write(distillation_csv, lambda tmp: distillation.to_csv(tmp, index=False))
+    markdown = "\n".join((
+        claims_markdown(table, args.extractor), front_markdown(front, args.extractor),
+        distillation_markdown(distillation, args.extractor),
+    ))  # fmt: skip
     atomic_write_text(claims_md, markdown)
     print(markdown, end="")
-    print(f"wrote {claims_csv}, {front_csv.name} and {claims_md.name}")
+    print(f"wrote {claims_csv}, {front_csv.name}, {distillation_csv.name} and {claims_md.name}")
     return 0
 
 
