@@ -473,3 +473,39 @@ def test_seeds_give_error_bars_an_rfid_floor_and_a_significance_table(seeded) ->
     assert list(claims["claim"]) == ["a", "b", "c", "d", "e (m_8)", "e (m_4)", "e (m_2)"]
     assert set(claims["verdict"]) == {"not measured"} and "fmnist · inception_offline: {'not measured': 7}" in stdout
     assert not (figures / "claims_fmnist_fmnist_classifier.csv").exists()  # classifier features: no claims
+
+
+WIDTH_ALONE = {8: "m8_12", 4: "m4_12", 2: "m2_12", 1: "maskgit_12"}  # the schedule of each width alone, 12 steps
+
+
+def test_distillation_per_width_figure_reads_the_held_out_ce_of_each_run(tmp_path: Path) -> None:
+    """Width-alone seed rows of a progressive, a no-distillation and a single-width m_8 run (checkpoints relative to the
+    repository root, as `magnets.evaluate` writes them): one panel, bars with error bars, the runs' held-out CE."""
+    from magnets.evaluate import RESULT_COLUMNS, append_results
+
+    runs = tmp_path / "runs"
+    rows = []
+    for distill, run, widths, offset in (("progressive", "p", (8, 4, 2, 1), 0.0), ("none", "n", (8, 4, 2, 1), 3.0),
+                                         ("single", "s8", (8,), 6.0)):  # fmt: skip
+        (runs / "fmnist" / run).mkdir(parents=True)
+        (runs / "fmnist" / run / "metrics.json").write_text(json.dumps({f"val/loss/p{p}": 4.0 + p / 10 + offset for p in widths}))
+        for p in widths:
+            for seed, fid in enumerate((9.0, 10.0, 11.0)):
+                row = dict.fromkeys(RESULT_COLUMNS, "")
+                row |= {"experiment": "fmnist", "checkpoint": f"runs/fmnist/{run}/checkpoints/last.ckpt", "distill": distill,
+                        "task": "class_cond", "schedule": WIDTH_ALONE[p], "widths": str(p), "steps_per_width": "12",
+                        "cache": "none", "guidance": 0.0, "steps": 12, "samples": 100, "extractor": "inception_offline",
+                        "seed": seed, "n_seeds": 1, "fid": fid + p + offset, "gflops_per_sample": 1.0 / p}  # fmt: skip
+                rows.append(row)
+    append_results(runs / "fmnist" / "results.csv", rows)
+    figures = tmp_path / "figures"
+    notebook = execute(runs, figures, tmp_path)
+    stdout = "".join(outputs(notebook, "stdout"))
+    assert "distillation panel fmnist · inception_offline: modes ['progressive', 'none', 'single'], widths [8, 4, 2, 1]" in stdout
+    assert (figures / "distillation_per_width.png").read_bytes().startswith(PNG_MAGIC)
+    table = pd.read_csv(figures / "distillation_fmnist_inception_offline.csv").set_index(["distill", "width"])
+    assert table.loc[("progressive", 8), "mean"] == pytest.approx(18.0) and table.loc[("progressive", 8), "std"] == 1.0
+    assert table.loc[("none", 2), "mean"] == pytest.approx(15.0) and table.loc[("none", 2), "n"] == 3
+    assert table.loc[("none", 4), "held_out_ce"] == pytest.approx(7.4)  # runs/fmnist/n/metrics.json, found from notebooks/
+    assert table.loc[("single", 8), "held_out_ce"] == pytest.approx(10.8)
+    assert table.loc[("single", 4), "n"] == 0  # no single-width m_4 was trained
