@@ -8,7 +8,8 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, REPO, compose_config
-from magnets.cli import check_train_config
+from magnets.cli import check_model, check_train_config
+from magnets.errors import ConfigError
 from magnets.models.tokenizer import tokenizer_config
 from magnets.sampling import load_schedule
 
@@ -65,6 +66,7 @@ def test_every_group_option_composes(group, option, tmp_path):
     if group == "ablation":
         assert cfg.distill.mode == ("progressive" if option == "progressive" else "none")
         assert list(cfg.model.widths) == ([int(option.split("_")[1])] if option.startswith("single_") else [8, 4, 2, 1])
+        check_train_config(cfg)  # the entry point's checks: a lone width and its validation schedule pass them
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -78,3 +80,14 @@ def test_every_experiment_composes(experiment, tmp_path):
 def test_unknown_option_names_the_valid_ones():
     with pytest.raises(Exception, match="fmnist_vq"):
         compose_config(["tokenizer=nonexistent"])
+
+
+@pytest.mark.parametrize("widths", [[8, 4, 2, 1], [8], [2], [4, 1]])
+def test_model_widths_any_distinct_divisors(widths):
+    check_model({"size": "fmnist", "widths": widths})
+
+
+@pytest.mark.parametrize("widths", [[], [3], [8, 8], [0, 1], [256]])
+def test_model_widths_refused_naming_the_valid_ones(widths):
+    with pytest.raises(ConfigError, match=r"model\.widths.*distinct positive divisors of dim=128"):
+        check_model({"size": "fmnist", "widths": widths})

@@ -94,8 +94,11 @@ def check_model(model: Mapping[str, Any], key: str = "model") -> None:
     check_choice(f"{key}.size", model["size"], list(MODEL_SIZES))
     dim = MODEL_SIZES[model["size"]]["dim"]
     widths = list(model["widths"])
-    if 1 not in widths or any(not isinstance(p, int) or p < 1 or dim % p for p in widths):
-        raise ConfigError(f"{key}.widths", widths, f"positive divisors of dim={dim} including 1, e.g. [8, 4, 2, 1]")
+    # Any distinct divisors: [8, 4, 2, 1] nested; one width alone ([8]: m_8's slice) for the single-width baselines.
+    if not widths or len(set(widths)) != len(widths) or any(not isinstance(p, int) or p < 1 or dim % p for p in widths):
+        raise ConfigError(
+            f"{key}.widths", widths, f"distinct positive divisors of dim={dim}, e.g. [8, 4, 2, 1] (nested) or [8] (m_8 alone)"
+        )
 
 
 def check_tokenizer(tokenizer: Mapping[str, Any], key: str = "tokenizer") -> None:
