@@ -8,7 +8,9 @@ import math
 import pandas as pd
 import pytest
 
-from magnets.claims import CLAIMS, claims_table, distillation_markdown, distillation_table, front_table, main
+from magnets.claims import (
+    CLAIMS, claims_table, distillation_markdown, distillation_table, front_table, is_static, main,
+)  # fmt: skip
 from magnets.evaluate import RESULT_COLUMNS
 
 GFLOPS = {"maskgit_12": 1.2, "magnets_3333": 0.4, "scale_down_3333": 0.4, "abrupt_6006": 0.45, "m8_12": 0.1}
@@ -135,6 +137,22 @@ def test_front_places_each_nested_schedule_against_the_best_static_one_as_cheap(
     assert front.loc["abrupt_6006", "best_static"] == "m2_12/none" and front.loc["abrupt_6006", "position"] == "on"
     assert front.loc["scale_down_3333", "position"] == "above"
     assert front.loc["magnets_2222", "position"] == "cheapest"
+
+
+def test_a_searched_schedule_with_every_step_at_one_width_is_a_static_point_of_the_front() -> None:
+    assert is_static("1") and is_static("8", "12") and is_static("8-4-2-1", "0-0-0-4") and is_static("8-4-2-1", "3-0-0-0")
+    assert not is_static("8-4-2-1", "3-3-3-3") and not is_static("8-4-2-1", "0-0-1-3") and not is_static("8-4-2-1")
+    rows = [
+        *three_seeds("maskgit_12", "none", 10.0),  # 1.2 GFLOPs
+        *three_seeds("search_0-0-0-4", "refresh_on_switch", 12.0, gflops_per_sample=0.35, steps_per_width="0-0-0-4"),
+        *three_seeds("search_1-1-1-1", "refresh_on_switch", 13.0, gflops_per_sample=0.3, steps_per_width="1-1-1-1"),
+        *three_seeds("magnets_3333", "refresh_on_switch", 14.0, steps_per_width="3-3-3-3"),  # 0.4 GFLOPs
+    ]
+    front = front_table(pd.DataFrame(rows)).set_index("schedule")
+    assert list(front.index) == ["search_1-1-1-1", "magnets_3333"]  # search_0-0-0-4 is plain MaskGIT at K = 4
+    assert front.loc["magnets_3333", "best_static"] == "search_0-0-0-4/refresh_on_switch"
+    assert front.loc["magnets_3333", "position"] == "above"
+    assert front.loc["search_1-1-1-1", "position"] == "cheapest"
 
 
 def test_distillation_table_per_width_and_model_with_held_out_ce(tmp_path) -> None:

@@ -230,17 +230,27 @@ def claims_table(results: pd.DataFrame, extractor: str = "inception_offline", sa
     return pd.DataFrame(table)
 
 
+def is_static(widths: str, steps_per_width: str = "") -> bool:
+    """Whether a schedule runs one width for every step (plain MaskGIT at some K, or one sub-model alone), from the
+    results' ``widths`` and ``steps_per_width`` ("8-4-2-1", "0-0-0-4"): a searched schedule with every step at one
+    width (``search_0-0-0-4`` is ``maskgit_4``) is static too. Without the steps, only a single width is."""
+    steps = [s for s in steps_per_width.split("-") if s.strip() not in ("", "nan")]
+    if steps and len(steps) == len(widths.split("-")):
+        return sum(int(float(s)) > 0 for s in steps) <= 1
+    return "-" not in widths
+
+
 def configurations(rows: pd.DataFrame, distill: str = "progressive") -> pd.DataFrame:
     """Every schedule and cache mode of the ``distill`` model at guidance 0 in ``rows`` (of :func:`seed_rows`): its
-    ``widths``, whether it is ``static`` (one width for every step: plain MaskGIT at some K, or one sub-model alone),
-    and the :class:`Measured` fields over its seeds."""
+    ``widths``, whether it is ``static`` (:func:`is_static`), and the :class:`Measured` fields over its seeds."""
     table = []
     for (schedule, cache), group in rows[rows["distill"] == distill].groupby(["schedule", "cache"]):
         measured = measure(rows, Config(str(schedule), str(cache), distill))
         if measured is None:  # only rows at another guidance
             continue
         widths = str(group["widths"].iloc[-1])
-        table.append({"schedule": schedule, "cache": cache, "widths": widths, "static": "-" not in widths,
+        steps = str(group["steps_per_width"].iloc[-1]) if "steps_per_width" in group else ""
+        table.append({"schedule": schedule, "cache": cache, "widths": widths, "static": is_static(widths, steps),
                       "mean": measured.mean, "std": measured.std, "n": measured.n, "gflops": measured.gflops})  # fmt: skip
     return pd.DataFrame(table, columns=["schedule", "cache", "widths", "static", "mean", "std", "n", "gflops"])
 
