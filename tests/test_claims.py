@@ -9,7 +9,14 @@ import pandas as pd
 import pytest
 
 from magnets.claims import (
-    CLAIMS, claims_table, distillation_markdown, distillation_table, front_table, is_static, main,
+    CLAIMS,
+    claims_table,
+    distillation_markdown,
+    distillation_table,
+    front_table,
+    is_static,
+    main,
+    search_table,
 )  # fmt: skip
 from magnets.evaluate import RESULT_COLUMNS
 
@@ -183,3 +190,42 @@ def test_distillation_table_per_width_and_model_with_held_out_ce(tmp_path) -> No
     assert "| m_8 (m8_12, none) | 4.800 | 18.00 ± 0.10 (3) | 4.800 | 20.00 ± 0.10 (3) | 5.500 | 30.00 ± 0.10 (3) |" in markdown
     assert "| m_4 (m4_12, none) | 4.400 | 14.00 ± 0.10 (3) | 4.400 | 16.00 ± 0.10 (3) | – | – |" in markdown
     assert "| nested (magnets_3333, refresh_on_switch) | – | 12.00 ± 0.10 (3) | – | 12.00 ± 0.10 (3) | – | – |" in markdown
+
+
+def test_search_places_each_searched_schedule_against_the_shipped_front(tmp_path) -> None:
+    rows = [
+        *three_seeds("maskgit_12", "none", 10.0),  # 1.2 GFLOPs
+        *three_seeds("magnets_3333", "refresh_on_switch", 12.0, steps_per_width="3-3-3-3"),  # 0.4: a shipped nested point
+        *three_seeds("m8_12", "none", 30.0, steps_per_width="12"),  # 0.1
+        # beyond: better than magnets_3333 at the same cost, by far more than 2 SE
+        *three_seeds("search_2-2-4-4", "refresh_on_switch", 11.0, gflops_per_sample=0.4, steps_per_width="2-2-4-4"),
+        # on: 0.05 from magnets_3333 with std 0.1; a static searched point (plain MaskGIT at K = 3) is a candidate too
+        *three_seeds("search_0-0-0-3", "refresh_on_switch", 12.05, gflops_per_sample=0.45, steps_per_width="0-0-0-3"),
+        seed_row("search_6-2-2-2", "refresh_on_switch", 31.0, 0, gflops_per_sample=0.2, steps_per_width="6-2-2-2"),
+        seed_row("search_12-0-0-0", "refresh_on_switch", 40.0, 0, gflops_per_sample=0.05, steps_per_width="12-0-0-0"),
+    ]
+    search = search_table(pd.DataFrame(rows)).set_index("schedule")
+    assert list(search.index) == ["search_12-0-0-0", "search_6-2-2-2", "search_2-2-4-4", "search_0-0-0-3"]
+    assert search.loc["search_2-2-4-4", "best_shipped"] == "magnets_3333/refresh_on_switch"  # nested shipped count
+    assert search.loc["search_2-2-4-4", "position"] == "below"
+    assert search.loc["search_2-2-4-4", "difference"] == pytest.approx(-1.0)
+    assert search.loc["search_0-0-0-3", "position"] == "on"
+    assert search.loc["search_6-2-2-2", "best_shipped"] == "m8_12/none"
+    assert search.loc["search_6-2-2-2", "position"] == "above" and math.isnan(search.loc["search_6-2-2-2", "two_se"])
+    assert search.loc["search_12-0-0-0", "position"] == "cheapest"
+    # The static front counts search_0-0-0-3 as a static point; the shipped front never holds a searched one.
+    assert front_table(pd.DataFrame(rows)).set_index("schedule").loc["magnets_3333", "best_static"] == "m8_12/none"
+
+    results = tmp_path / "results.csv"
+    pd.DataFrame(rows).to_csv(results, index=False)
+    assert main([str(results)]) == 0
+    assert pd.read_csv(tmp_path / "search_inception_offline.csv")["position"].tolist() == [
+        "cheapest", "above", "below", "on",
+    ]  # fmt: skip
+    markdown = (tmp_path / "claims_inception_offline.md").read_text()
+    assert "1 of 4 searched-schedule configurations lie strictly below the shipped front, 1 on it" in markdown
+    assert "| search_2-2-4-4/refresh_on_switch | 0.400 | 11.00 ± 0.10 (3) | magnets_3333/refresh_on_switch |" in markdown
+
+    pd.DataFrame(rows[:9]).to_csv(results, index=False)  # no searched rows: no search table
+    (tmp_path / "search_inception_offline.csv").unlink()
+    assert main([str(results)]) == 0 and not (tmp_path / "search_inception_offline.csv").exists()

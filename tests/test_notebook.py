@@ -509,3 +509,39 @@ def test_distillation_per_width_figure_reads_the_held_out_ce_of_each_run(tmp_pat
     assert table.loc[("none", 4), "held_out_ce"] == pytest.approx(7.4)  # runs/fmnist/n/metrics.json, found from notebooks/
     assert table.loc[("single", 8), "held_out_ce"] == pytest.approx(10.8)
     assert table.loc[("single", 4), "n"] == 0  # no single-width m_4 was trained
+
+
+def test_schedule_search_section_places_the_trials_against_the_shipped_front(tmp_path: Path) -> None:
+    """Shipped schedules over three seeds and searched ones (search_*, the schedule search's names): one panel, the
+    search table per trial, and the trials on or below the shipped front counted."""
+    from magnets.evaluate import append_results
+
+    def trial(steps: str, fids: list[float], gflops: float) -> list[dict]:  # a searched schedule's rows
+        rows = seed_rows("magnets_3333/refresh_on_switch", fids, gflops, "fmnist_classifier", guidance=0.0)
+        return [row | {"schedule": f"search_{steps}", "steps_per_width": steps, "steps": sum(map(int, steps.split("-")))}
+                for row in rows]  # fmt: skip
+
+    shipped = [
+        seed_rows("maskgit_12/refresh_on_switch", [10.0, 10.2, 9.8], 10.0, "fmnist_classifier", guidance=0.0),
+        seed_rows("magnets_3333/refresh_on_switch", [12.0, 12.2, 11.8], 4.0, "fmnist_classifier", guidance=0.0),
+        seed_rows("magnets_2222/refresh_on_switch", [15.0, 15.2, 14.8], 2.8, "fmnist_classifier", guidance=0.0),
+    ]
+    trials = [
+        trial("2-2-4-4", [11.0], 4.0),  # one seed, below magnets_3333 at its GFLOPs: below by sign
+        trial("6-2-2-2", [30.0], 3.0),  # above magnets_2222, the best shipped at <= 3.0
+        trial("0-0-0-3", [12.5, 12.7, 12.3], 3.5),  # plain MaskGIT at K = 3, over seeds: below magnets_2222 by far
+    ]
+    runs = tmp_path / "runs"
+    append_results(runs / "fmnist" / "2025-04-01_00-00-00" / "results.csv", [r for rows in shipped + trials for r in rows])
+    figures = tmp_path / "figures"
+    notebook = execute(runs, figures, tmp_path)
+    stdout = "".join(outputs(notebook, "stdout"))
+    assert ("search fmnist · fmnist_classifier · 100 samples: 3 searched configuration(s) against 3 shipped; "
+            "position against the shipped front: {'below': 2, 'above': 1}") in stdout  # fmt: skip
+    assert (figures / "schedule_search.png").read_bytes().startswith(PNG_MAGIC)
+    table = pd.read_csv(figures / "schedule_search_fmnist_fmnist_classifier.csv").set_index("schedule")
+    assert list(table.index) == ["search_6-2-2-2", "search_0-0-0-3", "search_2-2-4-4"]  # by GFLOPs
+    assert table.loc["search_2-2-4-4", "best_shipped"] == "magnets_3333/refresh_on_switch"
+    assert table.loc["search_0-0-0-3", "best_shipped"] == "magnets_2222/refresh_on_switch"
+    assert table["position"].to_dict() == {"search_6-2-2-2": "above", "search_0-0-0-3": "below", "search_2-2-4-4": "below"}
+    assert table.loc["search_0-0-0-3", "n"] == 3 and table.loc["search_0-0-0-3", "difference"] == pytest.approx(-2.5)

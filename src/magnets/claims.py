@@ -25,7 +25,9 @@ sub-model alone) of at most its GFLOPs; ``below`` it means better by more than t
 ``distillation_<extractor>.csv`` (a third table) is the distillation ablation: for each width, the held-out CE and the
 distance of that width alone (``m{p}_12``, ``maskgit_12`` at full width; uncached) of the progressively distilled
 nested model, the nested model on ground truth only and the single-width model trained alone; then ``magnets_3333``
-cached for the two nested models.
+cached for the two nested models. Where the results hold the schedule search's trials (``search_*``, ``make sweep
+SWEEP=schedule_search``), ``search_<extractor>.csv`` (a fourth table) places each against the shipped schedules' front
+in the same way: ``below`` or ``on`` it is a searched schedule beyond or on that front.
 
 A comparison *holds* when the difference has the claimed sign and exceeds two standard errors of the difference
 (``sqrt(s1^2/n1 + s2^2/n2)``, the seeds' sample standard deviations), *fails* when it exceeds them with the other sign
@@ -255,34 +257,54 @@ def configurations(rows: pd.DataFrame, distill: str = "progressive") -> pd.DataF
     return pd.DataFrame(table, columns=["schedule", "cache", "widths", "static", "mean", "std", "n", "gflops"])
 
 
-def front_table(results: pd.DataFrame, extractor: str = "inception_offline", samples: int | None = None) -> pd.DataFrame:
-    """Each nested-schedule configuration against the static front: the best static configuration (lowest mean
-    distance) of at most its GFLOPs, their difference and two standard errors of it, and where it lies: ``below`` the
-    front (better by more than 2 SE), ``above`` it (worse by more than 2 SE), ``on`` it (within 2 SE), or ``cheapest``
-    (no static configuration is as cheap)."""
-    configs = configurations(seed_rows(results, extractor, samples))
-    static = configs[configs["static"]]
+def against_front(candidates: pd.DataFrame, front: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Each candidate configuration (rows of :func:`configurations`) against the best configuration of ``front`` (the
+    lowest mean distance) of at most its GFLOPs: that one as ``best_<name>`` (``_gflops``, ``_mean``, ``_std``), the
+    difference and two standard errors of it, and where the candidate lies: ``below`` the front (better by more than
+    2 SE), ``above`` it (worse by more than 2 SE), ``on`` it (within 2 SE), or ``cheapest`` (nothing in ``front`` is as
+    cheap). With one seed on either side there is no standard error: the position is the difference's sign."""
+    best_columns = {f"best_{name}": "", f"best_{name}_gflops": math.nan, f"best_{name}_mean": math.nan,
+                    f"best_{name}_std": math.nan}  # fmt: skip
     table = []
-    for _, nested in configs[~configs["static"]].sort_values("gflops").iterrows():
-        row = {"schedule": nested["schedule"], "cache": nested["cache"], "gflops": nested["gflops"],
-               "mean": nested["mean"], "std": nested["std"], "n": nested["n"]}  # fmt: skip
-        cheaper = static[static["gflops"] <= nested["gflops"]]
+    for _, candidate in candidates.sort_values("gflops").iterrows():
+        row = {"schedule": candidate["schedule"], "cache": candidate["cache"], "gflops": candidate["gflops"],
+               "mean": candidate["mean"], "std": candidate["std"], "n": candidate["n"]}  # fmt: skip
+        cheaper = front[front["gflops"] <= candidate["gflops"]]
         if cheaper.empty:
-            table.append(row | {"best_static": "", "best_static_gflops": math.nan, "best_static_mean": math.nan,
-                                "best_static_std": math.nan, "difference": math.nan, "two_se": math.nan,
-                                "position": "cheapest"})  # fmt: skip
+            table.append(row | best_columns | {"difference": math.nan, "two_se": math.nan, "position": "cheapest"})
             continue
         best = cheaper.loc[cheaper["mean"].idxmin()]
-        difference = nested["mean"] - best["mean"]
-        two_se = SIGNIFICANCE_SE * math.sqrt(nested["std"] ** 2 / nested["n"] + best["std"] ** 2 / best["n"])
+        difference = candidate["mean"] - best["mean"]
+        two_se = SIGNIFICANCE_SE * math.sqrt(candidate["std"] ** 2 / candidate["n"] + best["std"] ** 2 / best["n"])
         if math.isnan(two_se):
             position = "below" if difference < 0 else "above"
         else:
             position = "below" if difference < -two_se else "above" if difference > two_se else "on"
-        table.append(row | {"best_static": f"{best['schedule']}/{best['cache']}", "best_static_gflops": best["gflops"],
-                            "best_static_mean": best["mean"], "best_static_std": best["std"], "difference": difference,
+        table.append(row | {f"best_{name}": f"{best['schedule']}/{best['cache']}", f"best_{name}_gflops": best["gflops"],
+                            f"best_{name}_mean": best["mean"], f"best_{name}_std": best["std"], "difference": difference,
                             "two_se": two_se, "position": position})  # fmt: skip
-    return pd.DataFrame(table)
+    columns = ["schedule", "cache", "gflops", "mean", "std", "n", *best_columns, "difference", "two_se", "position"]
+    return pd.DataFrame(table, columns=columns)
+
+
+def front_table(results: pd.DataFrame, extractor: str = "inception_offline", samples: int | None = None) -> pd.DataFrame:
+    """Each nested-schedule configuration against the static front (:func:`against_front`): the best static
+    configuration (one width for every step) of at most its GFLOPs, as ``best_static``."""
+    configs = configurations(seed_rows(results, extractor, samples))
+    return against_front(configs[~configs["static"]], configs[configs["static"]], "static")
+
+
+SEARCHED_PREFIX = "search_"
+"""The schedule search's schedules are named ``search_<k_8>-<k_4>-<k_2>-<k_1>`` (``conf/schedule/search.yaml``)."""
+
+
+def search_table(results: pd.DataFrame, extractor: str = "inception_offline", samples: int | None = None) -> pd.DataFrame:
+    """Each searched configuration (the schedule search's trials, static ones included) against the shipped
+    schedules' front (:func:`against_front`): the best shipped configuration, static or nested, of at most its GFLOPs,
+    as ``best_shipped``. ``below`` or ``on`` answers whether the search found a schedule beyond or on that front."""
+    configs = configurations(seed_rows(results, extractor, samples))
+    searched = configs["schedule"].astype(str).str.startswith(SEARCHED_PREFIX)
+    return against_front(configs[searched], configs[~searched], "shipped")
 
 
 DISTILL_MODES = ("progressive", "none", "single")
@@ -342,31 +364,36 @@ def distillation_markdown(table: pd.DataFrame, extractor: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def front_markdown(front: pd.DataFrame, extractor: str) -> str:
-    """The static-front comparison as GitHub markdown, with a closing count of the configurations below it."""
+def front_markdown(front: pd.DataFrame, extractor: str, candidates: str = "nested", reference: str = "static") -> str:
+    """A front comparison (:func:`front_table`, or :func:`search_table` with ``candidates="searched"`` and
+    ``reference="shipped"``) as GitHub markdown, closing with the counts below and on the front."""
 
     def spread(mean: float, std: float) -> str:
         return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
     lines = [
-        f"| nested schedule | GFLOPs | {extractor} | best static at ≤ its GFLOPs | its GFLOPs | its {extractor} "
-        "| difference (2 SE) | position |",
+        f"| {candidates} schedule | GFLOPs | {extractor} (seeds) | best {reference} at ≤ its GFLOPs | its GFLOPs "
+        f"| its {extractor} | difference (2 SE) | position |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for _, row in front.iterrows():
         if row["position"] == "cheapest":
-            static = "– | – | –"
+            best = "– | – | –"
             difference = "–"
         else:
-            best = spread(row["best_static_mean"], row["best_static_std"])
-            static = f"{row['best_static']} | {row['best_static_gflops']:.3f} | {best}"
+            spread_best = spread(row[f"best_{reference}_mean"], row[f"best_{reference}_std"])
+            best = f"{row[f'best_{reference}']} | {row[f'best_{reference}_gflops']:.3f} | {spread_best}"
             difference = f"{row['difference']:+.2f} ({row['two_se']:.2f})"
         lines.append(
-            f"| {row['schedule']}/{row['cache']} | {row['gflops']:.3f} | {spread(row['mean'], row['std'])} | {static} "
-            f"| {difference} | **{row['position']}** |"
+            f"| {row['schedule']}/{row['cache']} | {row['gflops']:.3f} | {spread(row['mean'], row['std'])} ({row['n']}) "
+            f"| {best} | {difference} | **{row['position']}** |"
         )
     below = int((front["position"] == "below").sum()) if not front.empty else 0
-    lines.append(f"\n{below} of {len(front)} nested-schedule configurations lie strictly below the static front.")
+    on = int((front["position"] == "on").sum()) if not front.empty else 0
+    lines.append(
+        f"\n{below} of {len(front)} {candidates}-schedule configurations lie strictly below the {reference} front, "
+        f"{on} on it (within 2 SE)."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -411,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     front = front_table(results, args.extractor, args.samples)
     distillation = distillation_table(results, args.extractor, args.samples)
+    search = search_table(results, args.extractor, args.samples)
     claims_csv = args.results.with_name(f"claims_{args.extractor}.csv")
     front_csv = args.results.with_name(f"front_{args.extractor}.csv")
     distillation_csv = args.results.with_name(f"distillation_{args.extractor}.csv")
@@ -418,13 +446,18 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write(claims_csv, lambda tmp: table.to_csv(tmp, index=False))
     atomic_write(front_csv, lambda tmp: front.to_csv(tmp, index=False))
     atomic_write(distillation_csv, lambda tmp: distillation.to_csv(tmp, index=False))
-    markdown = "\n".join((
-        claims_markdown(table, args.extractor), front_markdown(front, args.extractor),
-        distillation_markdown(distillation, args.extractor),
-    ))  # fmt: skip
+    sections = [claims_markdown(table, args.extractor), front_markdown(front, args.extractor),
+                distillation_markdown(distillation, args.extractor)]  # fmt: skip
+    written = [claims_csv.name, front_csv.name, distillation_csv.name]
+    if not search.empty:  # the schedule search ran at this extractor and sample count
+        search_csv = args.results.with_name(f"search_{args.extractor}.csv")
+        atomic_write(search_csv, lambda tmp: search.to_csv(tmp, index=False))
+        sections.append(front_markdown(search, args.extractor, candidates="searched", reference="shipped"))
+        written.append(search_csv.name)
+    markdown = "\n".join(sections)
     atomic_write_text(claims_md, markdown)
     print(markdown, end="")
-    print(f"wrote {claims_csv}, {front_csv.name}, {distillation_csv.name} and {claims_md.name}")
+    print(f"wrote {args.results.parent}: {', '.join(written)} and {claims_md.name}")
     return 0
 
 
