@@ -225,6 +225,8 @@ def test_search_places_each_searched_schedule_against_the_shipped_front(tmp_path
     markdown = (tmp_path / "claims_inception_offline.md").read_text()
     assert "1 of 4 searched-schedule configurations lie strictly below the shipped front, 1 on it" in markdown
     assert "| search_2-2-4-4/refresh_on_switch | 0.400 | 11.00 ± 0.10 (3) | magnets_3333/refresh_on_switch |" in markdown
+    row = "| search_6-2-2-2/refresh_on_switch | 0.200 | 31.00 (1) | m8_12/none | 0.100 | 30.00 ± 0.10 "
+    assert row + "| +1.00 (one seed: by sign) | **above** |" in markdown
 
     pd.DataFrame(rows[:9]).to_csv(results, index=False)  # no searched rows: no search table
     (tmp_path / "search_inception_offline.csv").unlink()

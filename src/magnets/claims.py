@@ -383,7 +383,8 @@ def front_markdown(front: pd.DataFrame, extractor: str, candidates: str = "neste
         else:
             spread_best = spread(row[f"best_{reference}_mean"], row[f"best_{reference}_std"])
             best = f"{row[f'best_{reference}']} | {row[f'best_{reference}_gflops']:.3f} | {spread_best}"
-            difference = f"{row['difference']:+.2f} ({row['two_se']:.2f})"
+            two_se = "one seed: by sign" if math.isnan(row["two_se"]) else f"{row['two_se']:.2f}"
+            difference = f"{row['difference']:+.2f} ({two_se})"
         lines.append(
             f"| {row['schedule']}/{row['cache']} | {row['gflops']:.3f} | {spread(row['mean'], row['std'])} ({row['n']}) "
             f"| {best} | {difference} | **{row['position']}** |"
