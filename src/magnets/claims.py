@@ -389,8 +389,8 @@ def front_markdown(front: pd.DataFrame, extractor: str, candidates: str = "neste
             f"| {row['schedule']}/{row['cache']} | {row['gflops']:.3f} | {spread(row['mean'], row['std'])} ({row['n']}) "
             f"| {best} | {difference} | **{row['position']}** |"
         )
-    below = int((front["position"] == "below").sum()) if not front.empty else 0
-    on = int((front["position"] == "on").sum()) if not front.empty else 0
+    below = int((front["position"] == "below").sum())  # against_front always has the column, rows or none
+    on = int((front["position"] == "on").sum())
     lines.append(
         f"\n{below} of {len(front)} {candidates}-schedule configurations lie strictly below the {reference} front, "
         f"{on} on it (within 2 SE)."
