@@ -8,11 +8,12 @@ from omegaconf import OmegaConf
 from conftest import CONF_DIR
 from magnets.bench import bench_decode, bench_geometry, bench_model_config, bench_train, check_bench_config, run_bench, write_json
 from magnets.cli import run_entry
-from magnets.flops import decode_flops_per_sample, forward_flops, nested_training_flop_ratio, planned_decode_work
-from magnets.models.kv_cache import CACHE_MODES
+from magnets.decoding.flops import decode_flops_per_sample, forward_flops, nested_training_flop_ratio
+from magnets.decoding.loop import SamplingSettings
+from magnets.decoding.plan import CACHE_MODES, plan_decode
+from magnets.decoding.schedules import load_schedule, shipped_schedules
 from magnets.models.tokenizer import tokenizer_config
 from magnets.models.transformer import TransformerConfig
-from magnets.sampling import SamplingSettings, load_schedule, shipped_schedules
 from magnets.task import build_task
 
 
@@ -70,7 +71,7 @@ def test_magnets_needs_2_8x_fewer_gflops_than_maskgit_at_the_imagenet_geometry()
     cfg = bench_model_config("b", bench_geometry(bench_config(["grid=[16,16]", "codebook_size=1024"])), [8, 4, 2, 1])
 
     def gflops(schedule, cache):
-        work = planned_decode_work(cfg, load_schedule(schedule).width_per_step(cfg.widths), cache)
+        work = plan_decode(cfg.num_tokens, load_schedule(schedule).width_per_step(cfg.widths), cache).work()
         return decode_flops_per_sample(cfg, work, samples=1) / 1e9
 
     assert gflops("maskgit_12", "none") / gflops("magnets_3333", "refresh_on_switch") >= 2.8
@@ -80,7 +81,9 @@ def planned_gflops(cfg, schedule, cache, num_masked=None):
     """GFLOPs per sample of ``schedule`` x ``cache`` with the default decode settings."""
     settings = SamplingSettings.from_config(bench_config([]).decode)
     width_per_step = load_schedule(schedule).width_per_step(cfg.widths)
-    work = planned_decode_work(cfg, width_per_step, cache, 2, settings.mask_schedule, settings.guided, num_masked=num_masked)
+    work = plan_decode(
+        cfg.num_tokens, width_per_step, cache, 2, settings.mask_schedule, settings.guided, num_masked=num_masked
+    ).work()
     return decode_flops_per_sample(cfg, work, samples=1) / 1e9
 
 

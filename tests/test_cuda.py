@@ -13,14 +13,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import test_sampling as sampling_tests
+import test_decoding as decoding_tests
 from conftest import CONF_DIR
 from magnets.bench import bench_decode, bench_train
+from magnets.decoding.cache import build_tokens_to_logits
+from magnets.decoding.loop import SamplingSettings, decode
+from magnets.decoding.schedules import ModelSchedule
 from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.masking import random_training_mask
-from magnets.models.kv_cache import build_tokens_to_logits
 from magnets.models.transformer import MODEL_SIZES, NestedTransformer
-from magnets.sampling import ModelSchedule, SamplingSettings, decode
 
 pytestmark = [
     pytest.mark.gpu,
@@ -36,12 +37,12 @@ MAGNETS_3333 = ModelSchedule("magnets", (8, 4, 2, 1), (3, 3, 3, 3)).width_per_st
 
 def make_model(depth: int, dtype: torch.dtype = torch.float32, seed: int = 0, large: bool = True) -> NestedTransformer:
     """The CPU decode tests' small nested model, on CUDA."""
-    return sampling_tests.make_model(depth, seed=seed, dtype=dtype, large=large, device=CUDA)
+    return decoding_tests.make_model(depth, seed=seed, dtype=dtype, large=large, device=CUDA)
 
 
 def run(model, width_per_step, cache, **options):
     """The CPU decode tests' decode (initial tokens, result, every step's logits), on CUDA."""
-    return sampling_tests.run(model, width_per_step, cache, device=CUDA, **options)
+    return decoding_tests.run(model, width_per_step, cache, device=CUDA, **options)
 
 
 @pytest.mark.parametrize("schedule", [SCALE_UP, [1] * 7])

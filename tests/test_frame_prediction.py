@@ -6,14 +6,16 @@ import pytest
 import torch
 
 from conftest import flop_counter
+from magnets.decoding.cache import build_tokens_to_logits
+from magnets.decoding.flops import decode_flops_per_sample
+from magnets.decoding.loop import SamplingSettings, decode
+from magnets.decoding.plan import CACHE_MODES, plan_decode
+from magnets.decoding.schedules import ModelSchedule
 from magnets.errors import ConfigError
 from magnets.evaluation import DecodeConditions, generate_samples
-from magnets.flops import decode_flops_per_sample, planned_decode_work
 from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.masking import random_training_mask
-from magnets.models.kv_cache import CACHE_MODES, build_tokens_to_logits
 from magnets.models.transformer import NestedTransformer, TransformerConfig
-from magnets.sampling import ModelSchedule, SamplingSettings, decode
 from magnets.task import Task, build_task
 
 WIDTHS = [8, 4, 2, 1]
@@ -171,7 +173,7 @@ def test_3d_depth_one_cache_matches_uncached_decoding(mode, schedule, task):
 def test_planned_work_with_given_tokens_is_what_the_decoder_did(cache):
     model = make_model(depth=2)
     _, result, _ = run(model, SCALE_UP, cache, FRAME_PRED)
-    planned = planned_decode_work(model.cfg, SCALE_UP, cache, num_masked=N - FRAME)
+    planned = plan_decode(model.cfg.num_tokens, SCALE_UP, cache, num_masked=N - FRAME).work()
     assert [(w.width, w.kind, w.queries, w.keys, w.head_positions) for w in result.work] == [
         (p.width, p.kind, p.queries, p.keys, p.head_positions) for p in planned
     ]
@@ -196,9 +198,9 @@ def test_flops_with_given_tokens_match_the_flop_counter(cache, guidance):
         )  # fmt: skip
     analytic = decode_flops_per_sample(cfg, result.work, samples=2)
     assert analytic == pytest.approx(counter.get_total_flops() / 2, rel=0.02)
-    planned = planned_decode_work(cfg, schedule, cache, guided=guidance > 0, num_masked=32)
+    planned = plan_decode(cfg.num_tokens, schedule, cache, guided=guidance > 0, num_masked=32).work()
     assert decode_flops_per_sample(cfg, planned, samples=1) == pytest.approx(analytic)
-    full = planned_decode_work(cfg, schedule, cache, guided=guidance > 0)
+    full = plan_decode(cfg.num_tokens, schedule, cache, guided=guidance > 0).work()
     assert decode_flops_per_sample(cfg, planned, 1) < decode_flops_per_sample(cfg, full, 1)
 
 

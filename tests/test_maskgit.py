@@ -13,11 +13,11 @@ import torch
 
 from magnets.cli import check_train_config
 from magnets.data import fashion_mnist
+from magnets.decoding.schedules import load_schedule
 from magnets.errors import ConfigError
 from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.masking import mask_ratio, random_training_mask
 from magnets.pipeline import train
-from magnets.sampling import load_schedule
 
 MODEL = dict(codebook_size=16, grid=[8], num_classes=3, dim=32, depth=1, heads=1, mlp_dim=32, widths=[8, 4, 2, 1])
 

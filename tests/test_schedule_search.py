@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from magnets.data import fashion_mnist
+from magnets.decoding.schedules import ModelSchedule, steps_from_cuts
 from magnets.pipeline import train
-from magnets.sampling import ModelSchedule, steps_from_cuts
 
 
 @pytest.mark.parametrize("total_steps", [1, 4, 12])

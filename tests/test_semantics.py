@@ -12,12 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from magnets.decoding.cache import build_tokens_to_logits
+from magnets.decoding.loop import SamplingSettings, decode
+from magnets.decoding.plan import StepWork
 from magnets.evaluation import balanced_labels
 from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.masking import decode_masked_counts, random_training_mask
-from magnets.models.kv_cache import StepWork, build_tokens_to_logits
 from magnets.models.transformer import NestedTransformer, TransformerConfig
-from magnets.sampling import SamplingSettings, decode
 
 NULL = 3  # the null class of the stubs' decodes (num_classes = 3)
 MODEL = dict(codebook_size=16, grid=[8], num_classes=3, dim=32, depth=1, heads=1, mlp_dim=32, widths=[8, 4, 2, 1])

@@ -44,15 +44,17 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from magnets.cli import check_choice, check_decode, check_device, check_model, check_positive_int, check_schedule, run_entry
+from magnets.decoding.cache import build_tokens_to_logits
+from magnets.decoding.flops import decode_flops_per_sample, nested_training_flop_ratio
+from magnets.decoding.loop import DECODE_DTYPES, SamplingSettings, decode
+from magnets.decoding.plan import CACHE_MODES, plan_decode
+from magnets.decoding.schedules import load_schedule, shipped_schedules
 from magnets.errors import ConfigError
 from magnets.files import atomic_write_json
-from magnets.flops import decode_flops_per_sample, nested_training_flop_ratio, planned_decode_work
 from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.masking import random_training_mask
-from magnets.models.kv_cache import CACHE_MODES, build_tokens_to_logits
 from magnets.models.tokenizer import num_tokens, tokenizer_config
 from magnets.models.transformer import MODEL_SIZES, NestedTransformer, TransformerConfig
-from magnets.sampling import DECODE_DTYPES, SamplingSettings, decode, load_schedule, shipped_schedules
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +195,11 @@ def flops_table(
 
     def gflops(schedule_name: str, cache: str, given: int) -> float:
         width_per_step = load_schedule(schedule_name).width_per_step(model_cfg.widths)
-        work = planned_decode_work(
-            model_cfg, width_per_step, cache, refresh_every, settings.mask_schedule, settings.guided,
+        plan = plan_decode(
+            model_cfg.num_tokens, width_per_step, cache, refresh_every, settings.mask_schedule, settings.guided,
             num_masked=model_cfg.num_tokens - given,
         )  # fmt: skip
+        work = plan.work()
         return decode_flops_per_sample(model_cfg, work, samples=1) / 1e9
 
     rows = []

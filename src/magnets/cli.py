@@ -21,16 +21,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from magnets.data.base import DATAMODULES, SPLITS
+from magnets.decoding.loop import DECODE_DTYPES, GUIDANCE_RAMPS
+from magnets.decoding.plan import CACHE_MODES
+from magnets.decoding.schedules import load_schedule, shipped_schedules
 from magnets.errors import ConfigError, UserError
 from magnets.lit.maskgit import DISTILL_MODES
 from magnets.masking import MASK_SCHEDULES
 from magnets.metrics.extractors import EXTRACTORS
-from magnets.models.kv_cache import CACHE_MODES
 from magnets.models.tokenizer import PRETRAINED_KINDS, TOKENIZER_KINDS, tokenizer_config
 from magnets.models.transformer import MODEL_SIZES
 from magnets.pipeline import LOGGERS
 from magnets.runs import resume_checkpoint
-from magnets.sampling import DECODE_DTYPES, GUIDANCE_RAMPS, load_schedule, shipped_schedules
 from magnets.task import build_task
 
 T = TypeVar("T")

@@ -69,6 +69,8 @@ from tqdm import tqdm
 
 from magnets.cli import check_choice, check_evaluate_config, check_positive_int, run_entry
 from magnets.data.shards import TokenDataset
+from magnets.decoding.loop import DECODE_DTYPES, SamplingSettings
+from magnets.decoding.schedules import load_schedule
 from magnets.errors import ConfigError
 from magnets.evaluation import (
     GeneratedBatch,
@@ -99,7 +101,6 @@ from magnets.metrics.extractors import (
 from magnets.metrics.fid import FeatureExtractor, FeatureStats
 from magnets.metrics.reconstruction import reconstruction_fid, rfid_cache_path
 from magnets.runs import resolve_checkpoint, shard_dir, tokenizer_of_run
-from magnets.sampling import DECODE_DTYPES, SamplingSettings, load_schedule
 from magnets.task import Task
 
 log = logging.getLogger(__name__)

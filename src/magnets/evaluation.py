@@ -34,14 +34,15 @@ from torch.utils.data import DataLoader, Subset
 
 from magnets.data.base import build_datamodule, drop_unreadable, to_unit_float
 from magnets.data.shards import TokenDataset
+from magnets.decoding.cache import build_tokens_to_logits
+from magnets.decoding.flops import decode_flops_per_sample
+from magnets.decoding.loop import SamplingSettings, decode
+from magnets.decoding.plan import StepWork
 from magnets.errors import MismatchError
 from magnets.files import atomic_write, atomic_write_text
-from magnets.flops import decode_flops_per_sample
 from magnets.metrics.fid import FeatureAccumulator, FeatureExtractor, FeatureStats, frechet_distance, resolve_reference
-from magnets.models.kv_cache import StepWork, build_tokens_to_logits
 from magnets.models.tokenizer import Tokenizer
 from magnets.models.transformer import NestedTransformer
-from magnets.sampling import SamplingSettings, decode
 from magnets.task import Task
 
 log = logging.getLogger(__name__)

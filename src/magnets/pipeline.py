@@ -47,6 +47,8 @@ from magnets.data.tokenization import (
     process_rank,
     tokenize_splits,
 )
+from magnets.decoding.loop import SamplingSettings
+from magnets.decoding.schedules import load_schedule
 from magnets.errors import ConfigError, DataNotFoundError, MismatchError
 from magnets.evaluation import media_key, reference_items, split_reference
 from magnets.files import atomic_write, atomic_write_json, atomic_write_text, file_sha256
@@ -71,7 +73,6 @@ from magnets.runs import (
     shard_dir,
     tokenizer_final_checkpoint,
 )
-from magnets.sampling import SamplingSettings, load_schedule
 from magnets.task import Task, build_task
 
 log = logging.getLogger(__name__)

@@ -27,15 +27,17 @@ from tqdm import tqdm
 
 from magnets.cli import check_sample_config, run_entry
 from magnets.data.shards import TokenDataset
+from magnets.decoding.flops import decode_flops_per_sample
+from magnets.decoding.loop import DECODE_DTYPES, SamplingSettings
+from magnets.decoding.plan import plan_decode
+from magnets.decoding.schedules import load_schedule
 from magnets.errors import ConfigError
 from magnets.evaluation import DecodeConditions, decode_conditions, generate_samples
 from magnets.files import atomic_write
-from magnets.flops import decode_flops_per_sample, planned_decode_work
 from magnets.lit.maskgit import load_maskgit
 from magnets.lit.tokenizer import load_tokenizer
 from magnets.media import save_media
 from magnets.runs import resolve_checkpoint, shard_dir, tokenizer_of_run
-from magnets.sampling import DECODE_DTYPES, SamplingSettings, load_schedule
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,9 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
 
     gflops = decode_flops_per_sample(model_cfg, work, len(labels)) / 1e9
     masked = model_cfg.num_tokens - task.given_tokens
-    baseline_work = planned_decode_work(model_cfg, [1] * len(width_per_step), "none", guided=settings.guided, num_masked=masked)
+    baseline_work = plan_decode(
+        model_cfg.num_tokens, [1] * len(width_per_step), "none", guided=settings.guided, num_masked=masked
+    ).work()
     baseline_gflops = decode_flops_per_sample(model_cfg, baseline_work, samples=1) / 1e9
     out_dir = Path(cfg.out_dir) if cfg.out_dir else checkpoint.parent.parent / "samples" / f"{schedule.name}_{cfg.decode.cache}"
     media_files = save_media(images, out_dir / "grid", nrow=cfg.samples_per_class)

@@ -10,12 +10,13 @@ import lightning as L
 import torch
 
 from magnets.data.shards import TokenDataset
+from magnets.decoding.loop import SamplingSettings
+from magnets.decoding.schedules import load_schedule
 from magnets.evaluation import DecodeConditions, decode_conditions, generate_samples, grid_columns, measure_samples
 from magnets.media import log_media
 from magnets.metrics.extractors import frechet_label, frechet_metric_name
 from magnets.metrics.fid import FeatureExtractor, FeatureStats
 from magnets.models.tokenizer import Tokenizer
-from magnets.sampling import SamplingSettings, load_schedule
 from magnets.task import Task
 
 

@@ -8,7 +8,7 @@ width and MLP hidden size; layers that write to the stream (attention-out,
 MLP-out) produce only the first ``D/p`` outputs ``W[:D/p, :]``. Every
 weight-matrix product of m_p costs 1/p of m_1's; attention runs at full
 width, so keys and values have the same shape at every width: a key/value
-cache written at one width can be read at another (``models/kv_cache.py``).
+cache written at one width can be read at another (``magnets.decoding.cache``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 from magnets.models.tokenizer import num_tokens
 
 if TYPE_CHECKING:
-    from magnets.models.kv_cache import KVCache
+    from magnets.decoding.cache import KVCache
 
 # Sizes matched one-to-one by conf/model/*.yaml: (dim, depth, heads, mlp_dim).
 MODEL_SIZES: dict[str, dict[str, int]] = {

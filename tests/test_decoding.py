@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from conftest import flop_counter
-from magnets.flops import decode_flops_per_sample, planned_decode_work
+from magnets.decoding.cache import ascending_positions, build_tokens_to_logits
+from magnets.decoding.flops import decode_flops_per_sample
+from magnets.decoding.loop import SamplingSettings, decode
+from magnets.decoding.plan import CACHE_MODES, plan_decode
+from magnets.decoding.schedules import ModelSchedule
 from magnets.masking import decode_masked_counts
-from magnets.models.kv_cache import CACHE_MODES, build_tokens_to_logits
 from magnets.models.transformer import NestedTransformer, TransformerConfig
-from magnets.sampling import ModelSchedule, SamplingSettings, decode
 
 WIDTHS = [8, 4, 2, 1]
 GRID = 16  # tokens per sample (a 4x4 grid)
@@ -54,8 +56,13 @@ def run(
     batch=3,
     keep_history=False,
     device="cpu",
+    fast=False,
+    tokens_to_logits=None,
 ):
-    """Decode ``batch`` samples on ``device``; ``pre_reveal`` tokens per row start revealed (frame-prediction style)."""
+    """Decode ``batch`` samples on ``device``; ``pre_reveal`` tokens per row start revealed (frame-prediction style).
+
+    ``fast``: through the planned path; ``tokens_to_logits``: through that callable (e.g. one reused across decodes).
+    """
     cfg = model.cfg
     data = torch.Generator().manual_seed(123)
     tokens = torch.full((batch, GRID), cfg.mask_id)
@@ -64,7 +71,9 @@ def run(
         tokens.scatter_(1, positions, torch.randint(0, cfg.codebook_size, (batch, pre_reveal), generator=data))
     tokens = tokens.to(device)
     labels = (torch.arange(batch) % cfg.num_classes).to(device)
-    recorder = Recorder(build_tokens_to_logits(model, cache, refresh_every))
+    if tokens_to_logits is None:
+        tokens_to_logits = build_tokens_to_logits(model, cache, refresh_every, fast=fast, width_per_step=width_per_step)
+    recorder = Recorder(tokens_to_logits)
     settings = SamplingSettings(guidance_scale=guidance, guidance_ramp="linear" if guidance else "constant")
     with torch.inference_mode():
         result = decode(
@@ -185,20 +194,6 @@ def test_decode_masked_counts_reveal_at_least_one_per_step(schedule_name):
         assert all(a > b for a, b in zip([n, *counts], counts, strict=False))
 
 
-@pytest.mark.parametrize("cache", CACHE_MODES)
-@pytest.mark.parametrize("guidance", [0.0, 3.0])
-def test_planned_work_is_what_the_decoder_did(cache, guidance):
-    model = make_model(depth=2)
-    _, result, _ = run(model, SCALE_UP, cache, guidance=guidance, pre_reveal=4, batch=2)
-    planned = planned_decode_work(model.cfg, SCALE_UP, cache, guided=guidance > 0, num_masked=GRID - 4)
-    assert [w.rows for w in result.work] == [2 * p.rows for p in planned]
-    assert [(w.width, w.kind, w.queries, w.keys, w.head_positions) for w in result.work] == [
-        (p.width, p.kind, p.queries, p.keys, p.head_positions) for p in planned
-    ]
-    if cache != "none":
-        assert any(w.kind == "cached" and w.queries < GRID for w in result.work)
-
-
 @pytest.mark.parametrize(
     ("cache", "guidance"), [("none", 0.0), ("refresh_on_switch", 0.0), ("no_refresh", 2.0), ("refresh_every_n", 2.0)]
 )
@@ -246,3 +241,94 @@ def test_compiled_tokens_to_logits_decode_the_same_tokens(cache):
     for step, (a, b) in enumerate(zip(eager.logits, compiled.logits, strict=True)):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=f"step {step}")
     assert torch.equal(results[0].tokens, results[1].tokens)
+
+
+# The planned fast path (magnets.decoding.plan + PlannedLogits): the same tokens, the same work, static shapes.
+
+MIXED = ModelSchedule("mixed", (8, 1, 4, 1, 2), (2, 1, 1, 2, 1)).width_per_step(WIDTHS)  # switches back and forth
+
+
+@pytest.mark.parametrize("cache", CACHE_MODES)
+@pytest.mark.parametrize("schedule", [SCALE_UP, SCALE_DOWN, MIXED, [1] * 7])
+@pytest.mark.parametrize(("guidance", "pre_reveal"), [(0.0, 0), (2.0, 0), (0.0, 5), (1.5, 6)])
+def test_planned_path_reveals_exactly_the_eager_tokens(cache, schedule, guidance, pre_reveal):
+    """Same generator, same model calls: the same logits bit for bit, the same tokens and the same reported work."""
+    model = make_model(depth=2)
+    options = {"guidance": guidance, "pre_reveal": pre_reveal, "keep_history": True}
+    _, eager, eager_logits = run(model, schedule, cache, **options)
+    _, planned, planned_logits = run(model, schedule, cache, fast=True, **options)
+    for step, (a, b) in enumerate(zip(eager_logits, planned_logits, strict=True)):
+        assert torch.equal(a, b), f"step {step}: logits differ by {(a - b).abs().max():.3g}"
+    assert torch.equal(planned.history, eager.history)
+    assert planned.work == eager.work
+
+
+@pytest.mark.parametrize("cache", CACHE_MODES)
+@pytest.mark.parametrize(("guidance", "pre_reveal"), [(0.0, 0), (2.0, 4)])
+def test_plan_is_what_the_eager_decoder_ran(cache, guidance, pre_reveal):
+    """Every step's width, kind, queries, cache length and head positions, planned before the first step."""
+    model = make_model(depth=2)
+    _, result, logits = run(model, MIXED, cache, guidance=guidance, pre_reveal=pre_reveal, batch=2)
+    plan = plan_decode(GRID, MIXED, cache, guided=guidance > 0, num_masked=GRID - pre_reveal)
+    assert plan.work(samples=2) == result.work
+    rows = 4 if guidance else 2
+    for step, (planned, step_logits) in enumerate(zip(plan.steps, logits, strict=True)):
+        assert step_logits.shape == (rows, planned.masked_before, model.cfg.codebook_size), f"step {step}"
+        assert planned.reveal == result.revealed[step]
+    if cache == "none":
+        assert all(s.kind == "full" and s.queries == GRID for s in plan.steps)
+    else:
+        assert plan.steps[0].kind == "refresh" and any(s.kind == "cached" and s.cached > 0 for s in plan.steps)
+
+
+def test_plan_counts_by_hand():
+    """16 tokens, 4 masked-token counts by hand: cosine over 4 steps leaves 14, 11, 6, 0 masked."""
+    plan = plan_decode(16, [8, 8, 1, 1], "refresh_on_switch")
+    assert [(s.kind, s.masked_before, s.queries, s.cached, s.just_revealed) for s in plan.steps] == [
+        ("refresh", 16, 16, 0, 0),
+        ("cached", 14, 16, 0, 2),  # the 2 revealed at step 0 plus the 14 still masked; nothing cached yet
+        ("refresh", 11, 16, 0, 0),
+        ("cached", 6, 11, 5, 5),  # 5 revealed at step 2 plus 6 masked, against the 5 entries the refresh kept
+    ]
+    given = plan_decode(16, [1, 1, 1], "no_refresh", num_masked=10)  # 6 given (frame prediction): 10, 8, 5 masked
+    assert [(s.queries, s.cached, s.masked_before) for s in given.steps] == [(16, 0, 10), (10, 6, 8), (8, 8, 5)]
+    assert len(plan.distinct_shapes()) == 4 and plan.steps[1].keys == 16
+    with pytest.raises(ValueError, match=r"num_masked must lie in \[1, 16\], got 17"):
+        plan_decode(16, [1], "none", num_masked=17)
+
+
+def test_planned_state_is_reused_across_decodes():
+    """A second decode of the same shape reuses the plan and its cache storage and still reveals the eager tokens."""
+    model = make_model(depth=2)
+    planned = build_tokens_to_logits(model, "refresh_on_switch", fast=True, width_per_step=SCALE_UP)
+    run(model, SCALE_UP, "refresh_on_switch", seed=3, tokens_to_logits=planned)
+    storage = planned.states[(GRID, 3)].cache.keys.data_ptr()
+    _, again, _ = run(model, SCALE_UP, "refresh_on_switch", seed=4, tokens_to_logits=planned)
+    _, eager, _ = run(model, SCALE_UP, "refresh_on_switch", seed=4)
+    assert torch.equal(again.tokens, eager.tokens)
+    assert list(planned.states) == [(GRID, 3)] and planned.states[(GRID, 3)].cache.keys.data_ptr() == storage
+    run(model, SCALE_UP, "refresh_on_switch", pre_reveal=5, tokens_to_logits=planned)  # another task: another plan
+    assert sorted(planned.states) == [(GRID - 5, 3), (GRID, 3)]
+
+
+def test_planned_path_refuses_a_step_off_its_plan():
+    model = make_model(depth=1)
+    planned = build_tokens_to_logits(model, "refresh_on_switch", fast=True, width_per_step=SCALE_UP)
+    tokens, labels = torch.full((2, GRID), model.cfg.mask_id), torch.tensor([0, 1])
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match=r"step 0 runs width 1 but the plan has 8"):
+            planned(tokens, labels, 1, 0)
+        planned(tokens, labels, 8, 0)
+        with pytest.raises(ValueError, match="expected step 0 or 1, got 2"):
+            planned(tokens, labels, 8, 2)
+    with pytest.raises(ValueError, match="needs the decode's width_per_step"):
+        build_tokens_to_logits(model, "none", fast=True)
+
+
+def test_ascending_positions_match_nonzero():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(5, 40, generator=generator)
+    mask = scores < scores.kthvalue(17, dim=1, keepdim=True).values  # 16 True per row, scattered
+    expected = mask.nonzero()[:, 1].view(5, 16)
+    assert torch.equal(ascending_positions(mask, 16), expected)
+    assert torch.equal(ascending_positions(~mask, 24), (~mask).nonzero()[:, 1].view(5, 24))

@@ -1,32 +1,28 @@
-"""Parallel decoding with a decode-time model schedule, over a tokens-to-logits callable.
+"""The parallel decode loop over a tokens-to-logits callable.
 
-A model schedule says how many of the K steps each width runs, in the order
-given: ``widths (8, 4, 2, 1), steps (3, 3, 3, 3)`` runs m_8 for three steps,
-then m_4, m_2 and m_1 ("scale up"); ``widths (1,), steps (12,)`` is plain
-MaskGIT. :func:`decode` is a pure function of its inputs and a
-``torch.Generator``: it knows nothing of trainers or caches. The callable
-(``magnets.models.kv_cache.build_tokens_to_logits``) decides how each step's
-logits are computed and reports the work it did.
+:func:`decode` runs one width per step (a schedule's ``width_per_step``) and
+is a pure function of its inputs and a ``torch.Generator``: it knows nothing
+of trainers or caches. The callable (``magnets.decoding.cache.build_tokens_to_logits``
+or the planned fast path of ``magnets.decoding.fast``) decides how each
+step's logits are computed and reports the work it did.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
+from magnets.decoding.cache import ascending_positions
+from magnets.decoding.plan import StepWork
 from magnets.masking import MASK_SCHEDULES, decode_masked_counts
-from magnets.models.kv_cache import StepWork
 
 # tokens [B, N], labels [B], width, step -> (logits [B, M, V] at the masked positions in ascending order, work)
 TokensToLogits = Callable[[torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, StepWork]]
 
 GUIDANCE_RAMPS = ("constant", "linear")
-SCHEDULE_DIR = Path(__file__).resolve().parents[2] / "conf" / "schedule"  # the Hydra group `schedule`
 
 
 # Weight dtypes a model may decode in (``dtype=`` of sample, evaluate and bench); bfloat16 is the GPU setting.
@@ -34,93 +30,8 @@ DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 
 @dataclass(frozen=True)
-class ModelSchedule:
-    """Steps per width, run in the order listed; widths with 0 steps are skipped."""
-
-    name: str
-    widths: tuple[int, ...]
-    steps: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        if len(self.widths) != len(self.steps):
-            raise ValueError(f"schedule {self.name!r}: widths {list(self.widths)} and steps {list(self.steps)} differ in length")
-        if any(int(k) != k or k < 0 for k in self.steps):
-            raise ValueError(f"schedule {self.name!r}: steps must be non-negative integers, got {list(self.steps)}")
-        if self.total_steps < 1:
-            raise ValueError(f"schedule {self.name!r}: steps {list(self.steps)} sum to 0; it needs at least one step")
-
-    @property
-    def total_steps(self) -> int:
-        return sum(self.steps)
-
-    def width_per_step(self, configured_widths: Sequence[int], total_steps: int | None = None) -> list[int]:
-        """The width of each of the K steps; checks the widths exist in the model and, if given, K."""
-        unknown = [p for p in self.widths if p not in configured_widths]
-        if unknown:
-            raise ValueError(
-                f"schedule {self.name!r} names widths {unknown} that the model does not have; configured widths: "
-                f"{list(configured_widths)}"
-            )
-        if total_steps is not None and self.total_steps != total_steps:
-            raise ValueError(
-                f"schedule {self.name!r}: steps {list(self.steps)} sum to {self.total_steps}, expected K={total_steps}"
-            )
-        return [p for p, k in zip(self.widths, self.steps, strict=True) for _ in range(k)]
-
-
-# conf/schedule/ entries that are templates rather than schedules: search.yaml's steps come from its cut points.
-SCHEDULE_TEMPLATES = ("search",)
-
-
-def shipped_schedules() -> list[str]:
-    """Names of the schedules in ``conf/schedule/`` (the templates of :data:`SCHEDULE_TEMPLATES` left out)."""
-    return sorted(path.stem for path in SCHEDULE_DIR.glob("*.yaml") if path.stem not in SCHEDULE_TEMPLATES)
-
-
-def steps_from_cuts(total_steps: int, *cuts: int) -> list[int]:
-    """Steps per width of a K-step schedule over ``len(cuts) + 1`` widths, set by cut points in ``[0, K - 1]``.
-
-    The cuts are clamped to ``[0, K - 1]`` and sorted; the steps are the gaps:
-    K=12, cuts (3, 6, 9) -> [3, 3, 3, 3]; cuts (0, 0, 4) -> [0, 0, 4, 8]. Any
-    cuts give a valid schedule of exactly K steps with at least one at the last
-    (largest) width, so a search sampling them independently never proposes an
-    invalid one (the schedule search, ``conf/sweep/schedule_search.yaml``).
-    """
-    total = int(total_steps)
-    if total < 1:
-        raise ValueError(f"total_steps must be at least 1, got {total_steps}")
-    points = [0, *sorted(min(max(int(c), 0), total - 1) for c in cuts), total]
-    return [b - a for a, b in zip(points[:-1], points[1:], strict=True)]
-
-
-def searched_schedule_name(total_steps: int, *cuts: int) -> str:
-    """``search_<k_8>-<k_4>-<k_2>-<k_1>``: the name of a searched schedule, from its steps."""
-    return "search_" + "-".join(map(str, steps_from_cuts(total_steps, *cuts)))
-
-
-# conf/schedule/search.yaml computes its steps and name from its cut points with these.
-OmegaConf.register_new_resolver(
-    "magnets_steps_from_cuts", lambda total_steps, *cuts: OmegaConf.create(steps_from_cuts(total_steps, *cuts)), replace=True
-)  # a ListConfig: a config resolved in place holds no plain lists
-OmegaConf.register_new_resolver("magnets_searched_schedule_name", searched_schedule_name, replace=True)
-
-
-def load_schedule(schedule: str | Mapping[str, Any]) -> ModelSchedule:
-    """A schedule from its ``conf/schedule/`` name, or from a mapping with ``name``, ``widths``, ``steps``."""
-    if isinstance(schedule, str):
-        path = SCHEDULE_DIR / f"{schedule}.yaml"
-        if not path.is_file():
-            raise ValueError(f"unknown schedule {schedule!r}; shipped: {shipped_schedules()}")
-        schedule = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    missing = {"name", "widths", "steps"} - set(schedule)
-    if missing:
-        raise ValueError(f"a schedule needs name, widths and steps; {dict(schedule)} lacks {sorted(missing)}")
-    return ModelSchedule(str(schedule["name"]), tuple(schedule["widths"]), tuple(schedule["steps"]))
-
-
-@dataclass(frozen=True)
 class SamplingSettings:
-    """How each step turns logits into revealed tokens (DESIGN.md §1, "Sampling step")."""
+    """How each step turns logits into revealed tokens: sampling temperature, Gumbel choice noise, guidance."""
 
     mask_schedule: str = "cosine"
     temperature: float = 0.5  # sampling temperature at the last step ...
@@ -220,7 +131,7 @@ def decode(
         log_probs = torch.log_softmax(logits / settings.sampling_temperature(step, steps), dim=-1)  # [B, M, V]
         sampled = (log_probs + gumbel_noise(log_probs.shape, generator, log_probs.device)).argmax(dim=-1)  # [B, M]
         reveal = masked_now - masked_after[step]
-        masked_positions = (tokens == mask_id).nonzero()[:, 1].view(batch, masked_now)  # [B, M], ascending
+        masked_positions = ascending_positions(tokens == mask_id, masked_now)  # [B, M]
         if reveal == masked_now:  # last step: everything left
             chosen = torch.arange(masked_now, device=tokens.device).expand(batch, -1)
         else:

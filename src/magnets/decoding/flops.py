@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from magnets.masking import decode_masked_counts
-from magnets.models.kv_cache import StepWork, check_cache_mode, step_kind
+from magnets.decoding.plan import StepWork
 from magnets.models.transformer import TransformerConfig
 
 
@@ -43,34 +42,3 @@ def decode_flops_per_sample(cfg: TransformerConfig, work: Sequence[StepWork], sa
     """FLOPs per generated sample of the decode steps in ``work`` (rows include guidance's second branch)."""
     total = sum(forward_flops(cfg, w.width, w.queries, w.keys, w.head_positions) * w.rows for w in work)
     return total / samples
-
-
-def planned_decode_work(
-    cfg: TransformerConfig,
-    width_per_step: Sequence[int],
-    cache: str,
-    refresh_every: int = 2,
-    mask_schedule: str = "cosine",
-    guided: bool = False,
-    num_masked: int | None = None,
-) -> list[StepWork]:
-    """The work each step of a one-sample decode will do, without running it.
-
-    Reveal counts do not depend on the data (``decode_masked_counts``), so
-    neither does the work: this is what the decoder reports, step for step
-    (a test holds the two equal). ``num_masked`` defaults to every token.
-    """
-    check_cache_mode(cache, refresh_every)
-    n = cfg.num_tokens
-    num_masked = n if num_masked is None else num_masked
-    masked_before = [num_masked, *decode_masked_counts(num_masked, len(width_per_step), mask_schedule)]
-    rows = 2 if guided else 1
-    work, previous_width, since_refresh = [], None, 0
-    for step, width in enumerate(width_per_step):
-        kind = step_kind(cache, step, width, previous_width, since_refresh, refresh_every)
-        # A cached step runs the tokens revealed at the previous step plus the still-masked ones, i.e. the
-        # tokens masked before the previous step; they attend to all N (cache + themselves).
-        queries = masked_before[step - 1] if kind == "cached" else n
-        work.append(StepWork(width, kind, queries=queries, keys=n, head_positions=masked_before[step], rows=rows))
-        previous_width, since_refresh = width, 1 if kind == "refresh" else since_refresh + 1
-    return work

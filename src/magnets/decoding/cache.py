@@ -1,6 +1,6 @@
 """Key/value caching across the parallel decoding steps, and the tokens-to-logits callables of the decode loop.
 
-The decode loop (``magnets.sampling.decode``) calls ``tokens_to_logits(tokens,
+The decode loop (``magnets.decoding.loop.decode``) calls ``tokens_to_logits(tokens,
 labels, width, step)`` once per step and gets the logits at the still-masked
 positions (ascending) plus a :class:`StepWork` record of what that step ran.
 :class:`UncachedLogits` runs a full pass over all N tokens every step;
@@ -19,51 +19,25 @@ entry written by m_8 can be read by m_1 (``no_refresh``: the approximation
 the paper ablates). In a one-layer model an entry depends only on its token's
 embedding and the width that wrote it, so within one width the cache is
 never stale — the property the tests use to check this bookkeeping.
+
+:class:`PlannedLogits` is the fast path: the same model calls on the same
+values, driven by the decode's static plan (``magnets.decoding.plan``). Its
+positions come from a sort whose counts the plan gives (no host
+synchronisation), its cache is allocated once per plan and batch and reused
+by later decodes, and on CUDA each step can be captured into a CUDA graph
+(``magnets.decoding.graphs``) and replayed. It reveals exactly the tokens
+the eager callables reveal.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import torch
 
+from magnets.decoding.graphs import CapturedStep
+from magnets.decoding.plan import DecodePlan, StepPlan, StepWork, check_cache_mode, plan_decode, step_kind
 from magnets.models.transformer import NestedTransformer
-
-CACHE_MODES = ("none", "refresh_on_switch", "no_refresh", "refresh_every_n")
-
-
-@dataclass(frozen=True)
-class StepWork:
-    """What one decode step computed, per batch row: all the FLOPs formula needs."""
-
-    width: int
-    kind: str  # "full" (uncached pass), "refresh" (full pass that rebuilds the cache) or "cached"
-    queries: int  # tokens run through every layer
-    keys: int  # keys/values each query attends to
-    head_positions: int  # positions where the output head runs (the masked ones)
-    rows: int  # batch rows run: samples, twice that with classifier-free guidance
-
-
-def check_cache_mode(mode: str, refresh_every: int = 1) -> None:
-    """Raise, naming the valid values, on an unknown cache mode or a non-positive refresh period."""
-    if mode not in CACHE_MODES:
-        raise ValueError(f"unknown cache mode {mode!r}; valid: {list(CACHE_MODES)}")
-    if mode == "refresh_every_n" and refresh_every < 1:
-        raise ValueError(f"refresh_every must be a positive number of steps, got {refresh_every}")
-
-
-def step_kind(mode: str, step: int, width: int, previous_width: int | None, steps_since_refresh: int, refresh_every: int) -> str:
-    """``full``, ``refresh`` or ``cached``: what a step of cache ``mode`` runs (the one home of this rule)."""
-    if mode == "none":
-        return "full"
-    if step == 0:
-        return "refresh"
-    switched = width != previous_width
-    if mode == "refresh_on_switch" and switched:
-        return "refresh"
-    if mode == "refresh_every_n" and (switched or steps_since_refresh >= refresh_every):
-        return "refresh"
-    return "cached"
 
 
 def positions_where(mask: torch.Tensor) -> torch.Tensor:
@@ -80,6 +54,16 @@ def positions_where(mask: torch.Tensor) -> torch.Tensor:
 def gather_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """``x[b, positions[b]]``: ``[B, N, d]``, ``[B, C]`` -> ``[B, C, d]``."""
     return x.gather(1, positions[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+def ascending_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Ascending positions ``[B, count]`` of the True entries of ``mask`` ``[B, N]``; each row holds exactly ``count``.
+
+    A stable sort puts the True entries first in grid order; unlike
+    ``nonzero`` it needs no host synchronisation, since ``count`` is known.
+    """
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices  # [B, N]: True entries first, ascending
+    return order[:, :count]
 
 
 class KVCache:
@@ -223,26 +207,140 @@ class CachedLogits:
         return logits, StepWork(width, "cached", queries=q, keys=cached + q, head_positions=masked_positions.shape[1], rows=b)
 
 
+class PlannedState:
+    """What one (plan, batch rows) keeps across decodes: the cache in static storage and the captured steps."""
+
+    def __init__(self, plan: DecodePlan, depth: int) -> None:
+        self.plan = plan
+        self.cache = KVCache(depth, plan.num_tokens)
+        self.captured: dict[int, CapturedStep] = {}  # step -> its graph
+        self.pool: tuple | None = None
+
+
+class PlannedLogits:
+    """Tokens-to-logits that follows the plan of a decode over ``width_per_step``; one decode at a time.
+
+    The plan is made at step 0 from the number of masked tokens (the task's
+    given tokens are revealed from the start) and kept, with its buffers,
+    for every later decode that starts with as many masked tokens and rows.
+    ``graphs`` captures the steps into CUDA graphs (CUDA only).
+    """
+
+    def __init__(
+        self,
+        model: NestedTransformer,
+        width_per_step: Sequence[int],
+        cache: str = "refresh_on_switch",
+        refresh_every: int = 2,
+        mask_schedule: str = "cosine",
+        graphs: bool = False,
+    ) -> None:
+        check_cache_mode(cache, refresh_every)
+        self.model, self.width_per_step = model, list(width_per_step)
+        self.cache_mode, self.refresh_every, self.mask_schedule = cache, refresh_every, mask_schedule
+        self.graphs = graphs
+        self.hidden = model.hidden  # build_tokens_to_logits(compile=True) swaps in the compiled function
+        self.states: dict[tuple[int, int], PlannedState] = {}
+        self.state: PlannedState | None = None
+        self.previous_masked: torch.Tensor | None = None
+        self.next_step = 0
+
+    def plan_for(self, num_masked: int) -> DecodePlan:
+        return plan_decode(
+            self.model.cfg.num_tokens, self.width_per_step, self.cache_mode, self.refresh_every, self.mask_schedule,
+            num_masked=num_masked,
+        )  # fmt: skip
+
+    def __call__(self, tokens: torch.Tensor, labels: torch.Tensor, width: int, step: int) -> tuple[torch.Tensor, StepWork]:
+        """Logits ``[B, M, V]`` at the masked positions of ``tokens`` ``[B, N]`` (ascending), and the step's work."""
+        masked = tokens == self.model.cfg.mask_id  # [B, N]
+        if step == 0:
+            key = (int(masked[0].sum()), tokens.shape[0])  # the one host read of a decode
+            if key not in self.states:
+                self.states[key] = PlannedState(self.plan_for(key[0]), self.model.cfg.depth)
+            self.state = self.states[key]
+        elif step != self.next_step:
+            raise ValueError(f"planned decoding runs steps in order from 0: expected step 0 or {self.next_step}, got {step}")
+        planned = self.state.plan.steps[step] if step < len(self.state.plan.steps) else None
+        if planned is None or planned.width != width:
+            expected = None if planned is None else planned.width
+            raise ValueError(f"step {step} runs width {width} but the plan has {expected}: {self.state.plan.width_per_step}")
+        if planned.kind == "cached":
+            just_revealed = ascending_positions(self.previous_masked & ~masked, planned.just_revealed)  # [B, R]
+            query_positions = torch.cat([just_revealed, ascending_positions(masked, planned.masked_before)], dim=1)
+            inputs = (tokens.gather(1, query_positions), labels, query_positions)  # [B, R + M] each
+        else:
+            order = torch.sort((~masked).to(torch.uint8), dim=1, stable=True).indices  # [B, N]: masked, then revealed
+            inputs = (tokens, labels, order)
+        logits = self._run(planned, inputs)
+        self.previous_masked, self.next_step = masked, step + 1
+        return logits, planned.work(tokens.shape[0])
+
+    def _forward(self, planned: StepPlan) -> Callable[..., torch.Tensor]:
+        """The step's computation over its inputs: the eager callables' model calls, with the plan's counts."""
+        cache, width, masked = self.state.cache, planned.width, planned.masked_before
+
+        def full(tokens: torch.Tensor, labels: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+            if planned.kind == "refresh":
+                cache.begin_refresh(order[:, masked:])  # the revealed positions, ascending
+            hidden = self.hidden(tokens, labels, width, cache=cache if planned.kind == "refresh" else None)  # [B, N, d]
+            if planned.kind == "refresh":
+                cache.end_refresh()
+            return self.model.head_logits(gather_rows(hidden, order[:, :masked]))
+
+        def cached(tokens: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            cache.length = planned.cached
+            hidden = self.hidden(tokens, labels, width, positions=positions, cache=cache)  # [B, R + M, d]
+            return self.model.head_logits(hidden[:, planned.just_revealed :])  # the masked positions only
+
+        return cached if planned.kind == "cached" else full
+
+    def _run(self, planned: StepPlan, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if not (self.graphs and inputs[0].is_cuda):
+            return self._forward(planned)(*inputs)
+        state = self.state
+        if planned.step not in state.captured:
+            state.captured[planned.step] = CapturedStep(self._forward(planned), inputs, state.pool)
+            state.pool = state.pool or state.captured[planned.step].graph.pool()
+        return state.captured[planned.step](*inputs)
+
+
 def build_tokens_to_logits(
-    model: NestedTransformer, cache: str, refresh_every: int = 2, compile: bool = False
-) -> UncachedLogits | CachedLogits:
+    model: NestedTransformer,
+    cache: str,
+    refresh_every: int = 2,
+    compile: bool = False,
+    fast: bool = False,
+    width_per_step: Sequence[int] | None = None,
+    mask_schedule: str = "cosine",
+) -> UncachedLogits | CachedLogits | PlannedLogits:
     """The decode loop's tokens-to-logits callable for cache mode ``cache`` (one of ``CACHE_MODES``).
 
-    ``compile`` runs the transformer's forward through ``torch.compile``
-    (dynamic shapes: the number of queries changes from step to step); the
-    first decode pays the compilation, later ones reuse it.
+    ``fast``: the planned path (:class:`PlannedLogits`) for a decode over
+    ``width_per_step`` with ``mask_schedule``; on CUDA its steps are captured
+    into CUDA graphs. ``compile`` runs the transformer's forward through
+    ``torch.compile``: with dynamic shapes on the eager path (the number of
+    queries changes from step to step), with static shapes on the planned one
+    (one compilation per distinct step shape, then captured with the step).
+    The first decode pays the compilation; later ones reuse it.
     """
     check_cache_mode(cache, refresh_every)
-    tokens_to_logits = UncachedLogits(model) if cache == "none" else CachedLogits(model, cache, refresh_every)
+    if fast:
+        if width_per_step is None:
+            raise ValueError("the planned fast path needs the decode's width_per_step")
+        tokens_to_logits = PlannedLogits(model, width_per_step, cache, refresh_every, mask_schedule, graphs=True)
+    else:
+        tokens_to_logits = UncachedLogits(model) if cache == "none" else CachedLogits(model, cache, refresh_every)
     if compile:
-        tokens_to_logits.hidden = compiled_hidden(model)
+        tokens_to_logits.hidden = compiled_hidden(model, dynamic=not fast)
     return tokens_to_logits
 
 
-def compiled_hidden(model: NestedTransformer):
-    """``torch.compile(model.hidden)``, made once per model and kept on it, so every decode reuses the compilation."""
-    compiled = getattr(model, "_compiled_hidden", None)
+def compiled_hidden(model: NestedTransformer, dynamic: bool = True):
+    """``torch.compile(model.hidden)``, made once per model and kind of shapes and kept on it for every decode."""
+    name = "_compiled_hidden" if dynamic else "_compiled_hidden_static"
+    compiled = getattr(model, name, None)
     if compiled is None:
-        compiled = torch.compile(model.hidden, dynamic=True)
-        object.__setattr__(model, "_compiled_hidden", compiled)  # not a submodule: stays out of state_dict
+        compiled = torch.compile(model.hidden, dynamic=dynamic)
+        object.__setattr__(model, name, compiled)  # not a submodule: stays out of state_dict
     return compiled
