@@ -12,6 +12,7 @@ from magnets.decoding.flops import decode_flops_per_sample, forward_flops, neste
 from magnets.decoding.loop import SamplingSettings
 from magnets.decoding.plan import CACHE_MODES, plan_decode
 from magnets.decoding.schedules import load_schedule, shipped_schedules
+from magnets.errors import ConfigError
 from magnets.models.tokenizer import tokenizer_config
 from magnets.models.transformer import TransformerConfig
 from magnets.task import build_task
@@ -64,6 +65,20 @@ def test_bench_decode_writes_one_record_per_configuration(tmp_path):
     assert {(r["schedule"], r["cache"]) for r in saved["flops_table"]} == {
         (s, c) for s in shipped_schedules() for c in CACHE_MODES
     }
+
+
+def test_bench_decode_times_the_fast_path_beside_the_eager_one():
+    """``decode_bench.paths=[eager,fast]``: every configuration on both paths, the same work, one eager baseline."""
+    overrides = ["model=tiny", "batch_size=2", "grid=[4,4]", "warmup=1", "repeats=1", "decode_bench.paths=[eager,fast]"]
+    decoding = ["decode_bench.schedules=[maskgit_12,magnets_3333]", "decode_bench.caches=[none,refresh_on_switch]"]
+    cfg = bench_config([*overrides, *decoding])
+    records = {(r["schedule"], r["cache"], r["path"]): r for r in bench_decode(cfg)["records"]}
+    assert len(records) == 8 and records[("maskgit_12", "none", "eager")]["speedup_vs_baseline"] == 1.0
+    for schedule, cache, _ in records:
+        eager, fast = records[(schedule, cache, "eager")], records[(schedule, cache, "fast")]
+        assert fast["gflops_per_sample"] == eager["gflops_per_sample"] and fast["ms_per_sample"] > 0
+    with pytest.raises(ConfigError, match=r"decode_bench.paths.*'graphs'"):
+        check_bench_config(bench_config(["decode_bench.paths=[graphs]"]))
 
 
 def test_magnets_needs_2_8x_fewer_gflops_than_maskgit_at_the_imagenet_geometry():

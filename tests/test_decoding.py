@@ -309,6 +309,10 @@ def test_planned_state_is_reused_across_decodes():
     assert list(planned.states) == [(GRID, 3)] and planned.states[(GRID, 3)].cache.keys.data_ptr() == storage
     run(model, SCALE_UP, "refresh_on_switch", pre_reveal=5, tokens_to_logits=planned)  # another task: another plan
     assert sorted(planned.states) == [(GRID - 5, 3), (GRID, 3)]
+    assert build_tokens_to_logits(model, "refresh_on_switch", fast=True, width_per_step=SCALE_UP) is planned
+    assert build_tokens_to_logits(model, "no_refresh", fast=True, width_per_step=SCALE_UP) is not planned
+    model.double()  # the weights move: captured steps would read the old storage
+    assert build_tokens_to_logits(model, "refresh_on_switch", fast=True, width_per_step=SCALE_UP) is not planned
 
 
 def test_planned_path_refuses_a_step_off_its_plan():

@@ -60,6 +60,7 @@ from magnets.runtime import keep_freed_memory
 log = logging.getLogger(__name__)
 
 BENCHES = ("decode", "train")
+DECODE_PATHS = ("eager", "fast")  # fast: build_tokens_to_logits(fast=True), the planned path
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "conf" / "tokenizer"  # the Hydra group `tokenizer`
 
 
@@ -224,7 +225,7 @@ def flops_table(
 
 
 def bench_decode(cfg: DictConfig) -> dict[str, Any]:
-    """Every ``cfg.decode_bench.schedules`` x ``cfg.decode_bench.caches`` against the uncached baseline; the JSON record."""
+    """Every ``decode_bench.paths`` x ``schedules`` x ``caches`` against the eager uncached baseline; the JSON record."""
     device, dtype = torch.device(cfg.device), DECODE_DTYPES[cfg.dtype] if cfg.dtype in DECODE_DTYPES else None
     if dtype is None:
         raise ValueError(f"unknown dtype {cfg.dtype!r}; valid: {list(DECODE_DTYPES)}")
@@ -235,14 +236,19 @@ def bench_decode(cfg: DictConfig) -> dict[str, Any]:
     settings = SamplingSettings.from_config(cfg.decode)
     torch.manual_seed(0)
     model = NestedTransformer(model_cfg).to(device=device, dtype=dtype).eval()
-    baseline = (bench.baseline, "none")
-    configurations = [baseline] + [(s, c) for s in bench.schedules for c in bench.caches if (s, c) != baseline]
-    width_per_step = {name: load_schedule(name).width_per_step(model_cfg.widths) for name, _ in configurations}
+    baseline = (bench.baseline, "none", "eager")
+    configurations = [baseline] + [
+        (s, c, path) for path in bench.paths for s in bench.schedules for c in bench.caches if (s, c, path) != baseline
+    ]
+    width_per_step = {name: load_schedule(name).width_per_step(model_cfg.widths) for name, _, _ in configurations}
     labels = torch.arange(cfg.batch_size, device=device) % model_cfg.num_classes
     initial = torch.full((cfg.batch_size, model_cfg.num_tokens), model_cfg.mask_id, device=device)
 
-    def run(schedule: str, cache: str) -> tuple[float, list]:
-        tokens_to_logits = build_tokens_to_logits(model, cache, cfg.decode.refresh_every, compile=cfg.decode.compile)
+    def run(schedule: str, cache: str, path: str) -> tuple[float, list]:
+        tokens_to_logits = build_tokens_to_logits(
+            model, cache, cfg.decode.refresh_every, compile=cfg.decode.compile, fast=path == "fast",
+            width_per_step=width_per_step[schedule], mask_schedule=settings.mask_schedule,
+        )  # fmt: skip
         generator = torch.Generator(device).manual_seed(0)
         synchronize(device)
         start = time.perf_counter()
@@ -253,9 +259,9 @@ def bench_decode(cfg: DictConfig) -> dict[str, Any]:
         synchronize(device)
         return time.perf_counter() - start, result.work
 
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in configurations}
-    peak_mb: dict[tuple[str, str], float | None] = {key: None for key in configurations}
-    work: dict[tuple[str, str], list] = {}
+    times: dict[tuple[str, str, str], list[float]] = {key: [] for key in configurations}
+    peak_mb: dict[tuple[str, str, str], float | None] = {key: None for key in configurations}
+    work: dict[tuple[str, str, str], list] = {}
     with torch.inference_mode():
         for repeat in range(cfg.warmup + cfg.repeats):
             for key in configurations:  # interleaved: every configuration sees the same machine state
@@ -266,18 +272,19 @@ def bench_decode(cfg: DictConfig) -> dict[str, Any]:
                     peak_mb[key] = max(peak_mb[key] or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
                 if repeat >= cfg.warmup:
                     times[key].append(seconds)
-                log.info("repeat %d %s/%s: %.3f s", repeat, *key, seconds)
+                log.info("repeat %d %s/%s/%s: %.3f s", repeat, *key, seconds)
 
     gflops = {key: decode_flops_per_sample(model_cfg, work[key], cfg.batch_size) / 1e9 for key in configurations}
     median_s = {key: statistics.median(times[key]) for key in configurations}
     records = []
-    for schedule, cache in configurations:
-        key = (schedule, cache)
+    for key in configurations:
+        schedule, cache, path = key
         speedup, flops_ratio = median_s[baseline] / median_s[key], gflops[baseline] / gflops[key]
         records.append(
             {
                 "schedule": schedule,
                 "cache": cache,
+                "path": path,
                 "gflops_per_sample": gflops[key],
                 "ms_per_sample": 1000 * median_s[key] / cfg.batch_size,
                 "samples_per_s": cfg.batch_size / median_s[key],
@@ -383,12 +390,14 @@ def write_json(result: dict[str, Any], path: str | Path) -> Path:
 
 def print_decode(result: dict[str, Any], path: Path) -> None:
     print(
-        f"{'schedule':<16} {'cache':<18} {'GFLOPs/sample':>13} {'ms/sample':>10} {'speedup':>8} {'FLOP ratio':>10} {'GFLOP/s':>8}"
+        f"{'schedule':<16} {'cache':<18} {'path':<6} {'GFLOPs/sample':>13} {'ms/sample':>10} {'speedup':>8} "
+        f"{'FLOP ratio':>10} {'ratio':>6} {'GFLOP/s':>8}"
     )
     for r in result["records"]:
         print(
-            f"{r['schedule']:<16} {r['cache']:<18} {r['gflops_per_sample']:>13.1f} {r['ms_per_sample']:>10.1f} "
-            f"{r['speedup_vs_baseline']:>8.2f} {r['flops_ratio_vs_baseline']:>10.2f} {r['achieved_gflops_per_s']:>8.1f}"
+            f"{r['schedule']:<16} {r['cache']:<18} {r['path']:<6} {r['gflops_per_sample']:>13.1f} {r['ms_per_sample']:>10.1f} "
+            f"{r['speedup_vs_baseline']:>8.2f} {r['flops_ratio_vs_baseline']:>10.2f} {r['speedup_over_flops_ratio']:>6.2f} "
+            f"{r['achieved_gflops_per_s']:>8.1f}"
         )
     print(f"dense matmul {result['matmul_shape']}: {result['matmul_gflops_per_s']:.1f} GFLOP/s")
     grid, baseline = "x".join(map(str, result["geometry"]["grid"])), result["settings"]["decode_bench"]["baseline"]
@@ -433,6 +442,8 @@ def check_bench_config(cfg: DictConfig) -> None:
         check_schedule(name, cfg.model.widths, key="decode_bench.schedules")
     for cache in cfg.decode_bench.caches:
         check_choice("decode_bench.caches", cache, CACHE_MODES)
+    for path in cfg.decode_bench.paths:
+        check_choice("decode_bench.paths", path, DECODE_PATHS)
 
 
 def run_bench(cfg: DictConfig) -> dict[str, Any]:

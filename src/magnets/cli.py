@@ -71,6 +71,8 @@ def check_decode(decode: Mapping[str, Any], key: str = "decode") -> None:
     check_positive_int(f"{key}.refresh_every", decode["refresh_every"])
     check_choice(f"{key}.mask_schedule", decode["mask_schedule"], sorted(MASK_SCHEDULES))
     check_choice(f"{key}.guidance_ramp", decode["guidance_ramp"], GUIDANCE_RAMPS)
+    for name in ("compile", "fast"):
+        check_choice(f"{key}.{name}", decode[name], [True, False])
     for name, low, inclusive in (
         ("temperature", 0.0, False), ("temperature_anneal", 0.0, True),
         ("choice_temperature", 0.0, True), ("guidance_scale", 0.0, True),

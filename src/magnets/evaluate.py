@@ -357,7 +357,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             conditions = decode_conditions(task, len(indices), num_classes, device, shard, start=indices.start)
             return generate_samples(
                 model, tokenizer, task, conditions, width_per_step, settings, cfg.decode.cache, cfg.decode.refresh_every,
-                cfg.batch_size, chunk_generator(seed, chunk, device), compile=cfg.decode.compile,
+                cfg.batch_size, chunk_generator(seed, chunk, device), compile=cfg.decode.compile, fast=cfg.decode.fast,
             )  # fmt: skip
 
         with tqdm(total=cfg.samples, desc=f"{description} seed {seed}", unit=unit, dynamic_ncols=True) as bar:

@@ -128,12 +128,15 @@ def generate_samples(
     generator: torch.Generator | None = None,
     compile: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    fast: bool = False,
 ) -> Iterator[GeneratedBatch]:
     """Decode one sample per condition, ``batch_size`` at a time, and turn the tokens into media.
 
     Each decode starts from [MASK] everywhere but the task's given tokens
     (taken from ``conditions.real_tokens``), which every output keeps.
     ``compile``: the transformer's forward through ``torch.compile``;
+    ``fast``: the planned path (``magnets.decoding.cache.PlannedLogits``,
+    reused across calls while the model's weights stay where they are);
     ``autocast_dtype`` (e.g. bfloat16 under bf16-mixed training): the
     transformer runs under autocast, the tokenizer's decode does not.
     """
@@ -141,7 +144,10 @@ def generate_samples(
     grid = tuple(tokenizer.grid)
     if list(grid) != list(cfg.grid):
         raise MismatchError(f"the tokenizer makes a {list(grid)} token grid but the model was trained on {cfg.grid}")
-    tokens_to_logits = build_tokens_to_logits(model, cache, refresh_every, compile=compile)
+    tokens_to_logits = build_tokens_to_logits(
+        model, cache, refresh_every, compile=compile, fast=fast, width_per_step=width_per_step,
+        mask_schedule=settings.mask_schedule,
+    )  # fmt: skip
     device = conditions.labels.device
     for start in range(0, len(conditions), batch_size):
         labels = conditions.labels[start : start + batch_size]

@@ -397,6 +397,7 @@ def sampling_validation(cfg: DictConfig, tokenizer_ckpt: Path, classifier_path: 
         cache=cfg.decode.cache,
         refresh_every=cfg.decode.refresh_every,
         compile=cfg.decode.compile,
+        fast=cfg.decode.fast,
         samples=options.samples,
         batch_size=options.batch_size,
         every_n=options.every_n,

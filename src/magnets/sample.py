@@ -68,7 +68,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     generator = torch.Generator(device).manual_seed(cfg.seed)
     batches = generate_samples(
         model, tokenizer, task, conditions, width_per_step, settings, cfg.decode.cache, cfg.decode.refresh_every,
-        cfg.batch_size, generator,
+        cfg.batch_size, generator, compile=cfg.decode.compile, fast=cfg.decode.fast,
     )  # fmt: skip
     images, tokens, work = [], [], []
     with torch.inference_mode(), tqdm(total=len(conditions), desc=f"{schedule.name}/{cfg.decode.cache}", unit="sample") as bar:

@@ -328,12 +328,36 @@ def build_tokens_to_logits(
     if fast:
         if width_per_step is None:
             raise ValueError("the planned fast path needs the decode's width_per_step")
-        tokens_to_logits = PlannedLogits(model, width_per_step, cache, refresh_every, mask_schedule, graphs=True)
-    else:
-        tokens_to_logits = UncachedLogits(model) if cache == "none" else CachedLogits(model, cache, refresh_every)
+        return planned_tokens_to_logits(model, width_per_step, cache, refresh_every, mask_schedule, compile)
+    tokens_to_logits = UncachedLogits(model) if cache == "none" else CachedLogits(model, cache, refresh_every)
     if compile:
-        tokens_to_logits.hidden = compiled_hidden(model, dynamic=not fast)
+        tokens_to_logits.hidden = compiled_hidden(model)
     return tokens_to_logits
+
+
+def planned_tokens_to_logits(
+    model: NestedTransformer,
+    width_per_step: Sequence[int],
+    cache: str,
+    refresh_every: int,
+    mask_schedule: str,
+    compile: bool,
+) -> PlannedLogits:
+    """The model's :class:`PlannedLogits` for these settings, kept on the model and reused by later calls.
+
+    Its plans, cache storage and captured CUDA graphs then serve every batch
+    of an evaluation. Captured graphs read the weights where they were, so a
+    new one is made when any parameter has moved (``.to()``, a swap of weights).
+    """
+    key = (cache, refresh_every, tuple(width_per_step), mask_schedule, compile)
+    weights = tuple(param.data_ptr() for param in model.parameters())
+    kept = model.__dict__.setdefault("_planned_logits", {})  # not a submodule: stays out of state_dict
+    if key not in kept or kept[key][0] != weights:
+        planned = PlannedLogits(model, width_per_step, cache, refresh_every, mask_schedule, graphs=True)
+        if compile:
+            planned.hidden = compiled_hidden(model, dynamic=False)
+        kept[key] = (weights, planned)
+    return kept[key][1]
 
 
 def compiled_hidden(model: NestedTransformer, dynamic: bool = True):

@@ -53,6 +53,7 @@ class SamplingValidation(L.Callback):
         cache: str = "refresh_on_switch",
         refresh_every: int = 2,
         compile: bool = False,
+        fast: bool = False,
         samples: int = 500,
         batch_size: int = 250,
         every_n: int = 1,
@@ -62,7 +63,7 @@ class SamplingValidation(L.Callback):
         self.tokenizer, self.extractor, self.reference = tokenizer.eval(), extractor.eval(), reference
         self.classifier = classifier.eval() if classifier is not None else None
         self.schedules = [load_schedule(name) for name in schedules]
-        self.settings, self.cache, self.refresh_every, self.compile = settings, cache, refresh_every, compile
+        self.settings, self.cache, self.refresh_every, self.compile, self.fast = settings, cache, refresh_every, compile, fast
         self.task, self.condition_shard = task, condition_shard
         self.samples, self.batch_size, self.every_n = samples, batch_size, every_n
         self.width_grids, self.seed = width_grids, seed
@@ -127,6 +128,7 @@ class SamplingValidation(L.Callback):
         return generate_samples(
             pl_module.model, self.tokenizer, self.task, conditions, width_per_step, self.settings, self.cache,
             self.refresh_every, self.batch_size, generator, compile=self.compile, autocast_dtype=autocast_dtype,
+            fast=self.fast,
         )  # fmt: skip
 
     @staticmethod
