@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
@@ -183,3 +184,32 @@ def test_a_bad_geometry_is_named_with_the_valid_ones(tmp_path, capsys):
         assert exited.value.code == 2
         assert capsys.readouterr().err.startswith(message)
     assert not (tmp_path / "decode.json").exists()  # nothing ran
+
+
+def test_bench_train_under_bf16_autocast_reports_its_precision():
+    """train_bench.precision=bf16-mixed: the step runs under bf16 autocast, as the GPU presets train."""
+    cfg = bench_config(["bench=train", "model=tiny", "batch_size=2", "grid=[4,4]", "warmup=0", "repeats=1"])
+    cfg.train_bench.precision = "bf16-mixed"
+    result = bench_train(cfg)
+    assert result["settings"]["train_bench"]["precision"] == "bf16-mixed"
+    assert all(r["ms_per_step"] > 0 for r in result["records"])
+    with pytest.raises(ConfigError, match=r"train_bench.precision='16-mixed'"):
+        check_bench_config(bench_config(["train_bench.precision=16-mixed"]))
+
+
+def test_compiled_width_losses_equal_the_eager_ones():
+    """maskgit.module.compile: the same losses per width (a compiled forward), and the compiled forward is no submodule."""
+    from magnets.lit.maskgit import NestedMaskGITModule
+
+    model = {"dim": 32, "depth": 1, "heads": 2, "mlp_dim": 64, "codebook_size": 16, "grid": [4, 4], "num_classes": 3}
+    torch.manual_seed(0)
+    eager = NestedMaskGITModule(model=model)
+    compiled = NestedMaskGITModule(model=model, compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    assert set(compiled.state_dict()) == set(eager.state_dict())
+    tokens = torch.randint(0, 16, (4, 16), generator=torch.Generator().manual_seed(1))
+    mask = torch.rand(4, 16, generator=torch.Generator().manual_seed(2)) < 0.5
+    inputs, labels = tokens.masked_fill(mask, 16), torch.tensor([0, 1, 2, 3])
+    for width, (loss, _) in compiled.width_losses(inputs, tokens, mask, labels, alpha=0.5).items():
+        expected = eager.width_losses(inputs, tokens, mask, labels, alpha=0.5)[width][0]
+        torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)

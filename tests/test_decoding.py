@@ -336,3 +336,26 @@ def test_ascending_positions_match_nonzero():
     expected = mask.nonzero()[:, 1].view(5, 16)
     assert torch.equal(ascending_positions(mask, 16), expected)
     assert torch.equal(ascending_positions(~mask, 24), (~mask).nonzero()[:, 1].view(5, 24))
+
+
+@pytest.mark.slow  # torch.compile on the CPU: about a minute on 2 cores
+def test_static_compile_of_the_planned_path_compiles_each_step_shape_once():
+    """decode.fast + decode.compile: one static-shape graph per distinct step shape, reused by a second decode."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = make_model(depth=1)
+    schedule = [8, 8, 1]
+    planned = build_tokens_to_logits(model, "refresh_on_switch", compile=True, fast=True, width_per_step=schedule)
+    _, eager, eager_logits = run(model, schedule, "refresh_on_switch")
+    graphs = []
+    for _ in range(2):
+        _, fast, fast_logits = run(model, schedule, "refresh_on_switch", tokens_to_logits=planned)
+        for a, b in zip(eager_logits, fast_logits, strict=True):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+        assert torch.equal(fast.tokens, eager.tokens)
+        graphs.append(counters["stats"]["unique_graphs"])
+    plan = plan_decode(GRID, schedule, "refresh_on_switch")
+    # The cache writes run eagerly (graph breaks), so a step is a few graphs; the second decode compiles nothing.
+    assert len(plan.distinct_shapes()) == 3 and graphs[0] >= 3 and graphs[1] == graphs[0]

@@ -314,14 +314,23 @@ def bench_decode(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+TRAIN_PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16}  # Lightning's names -> the autocast dtype
+
+
 def train_step_seconds(
-    module: NestedMaskGITModule, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, labels: torch.Tensor, alpha: float
+    module: NestedMaskGITModule,
+    optimizer: torch.optim.Optimizer,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    autocast_dtype: torch.dtype | None = None,
 ) -> float:
-    """Wall time of one full training step."""
+    """Wall time of one full training step; the forward under autocast to ``autocast_dtype`` if given (bf16-mixed)."""
     start = time.perf_counter()
     mask = random_training_mask(*tokens.shape, device=tokens.device)
     inputs = tokens.masked_fill(mask, module.model.cfg.mask_id)
-    losses = module.width_losses(inputs, tokens, mask, labels, alpha)
+    with torch.autocast(tokens.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        losses = module.width_losses(inputs, tokens, mask, labels, alpha)
     total = sum(loss for loss, _ in losses.values())
     optimizer.zero_grad(set_to_none=True)
     total.backward()
@@ -332,7 +341,7 @@ def train_step_seconds(
 
 
 def bench_train(cfg: DictConfig) -> dict[str, Any]:
-    """Nested (all widths) vs single-width training step time; returns the JSON record."""
+    """Nested (all widths) vs single-width training step time under ``train_bench`` precision; the JSON record."""
     if cfg.model.size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {cfg.model.size!r}; valid: {list(MODEL_SIZES)}")
     device = torch.device(cfg.device)
@@ -346,17 +355,20 @@ def bench_train(cfg: DictConfig) -> dict[str, Any]:
     }
     variants = {"nested": list(cfg.model.widths), "single": [1]}
     modules = {
-        name: NestedMaskGITModule(model={**base, "widths": widths}, distill="progressive").to(device)
+        name: NestedMaskGITModule(model={**base, "widths": widths}, distill="progressive", compile=cfg.train_bench.compile).to(
+            device
+        )
         for name, widths in variants.items()
     }
     optimizers = {name: torch.optim.AdamW(module.parameters(), lr=1e-4) for name, module in modules.items()}
     tokens_per_item = num_tokens(geometry.grid)
     tokens = torch.randint(0, geometry.codebook_size, (cfg.batch_size, tokens_per_item), device=device)
     labels = torch.randint(0, geometry.num_classes, (cfg.batch_size,), device=device)
+    autocast_dtype = TRAIN_PRECISIONS[cfg.train_bench.precision]
     times: dict[str, list[float]] = {name: [] for name in modules}
     for repeat in range(cfg.warmup + cfg.repeats):
         for name, module in modules.items():  # alternate: both see the same machine state
-            seconds = train_step_seconds(module, optimizers[name], tokens, labels, alpha=0.5)
+            seconds = train_step_seconds(module, optimizers[name], tokens, labels, 0.5, autocast_dtype)
             if repeat >= cfg.warmup:
                 times[name].append(seconds)
     records = []
@@ -444,6 +456,8 @@ def check_bench_config(cfg: DictConfig) -> None:
         check_choice("decode_bench.caches", cache, CACHE_MODES)
     for path in cfg.decode_bench.paths:
         check_choice("decode_bench.paths", path, DECODE_PATHS)
+    check_choice("train_bench.precision", cfg.train_bench.precision, list(TRAIN_PRECISIONS))
+    check_choice("train_bench.compile", cfg.train_bench.compile, [True, False])
 
 
 def run_bench(cfg: DictConfig) -> dict[str, Any]:

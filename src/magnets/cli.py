@@ -205,6 +205,7 @@ def check_train_config(cfg: DictConfig) -> None:
     check_decode(cfg.decode)
     check_positive_int("maskgit.batch_size", cfg.maskgit.batch_size)
     check_positive_int("maskgit.trainer.max_steps", cfg.maskgit.trainer.max_steps)
+    check_choice("maskgit.module.compile", cfg.maskgit.module.compile, [True, False])
     resume_checkpoint(cfg)  # null, or a checkpoint that exists
     if cfg.sample_validation.enabled:
         for name in cfg.sample_validation.schedules:
