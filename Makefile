@@ -8,13 +8,14 @@ ARGS ?=
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist
 
-.PHONY: help setup data train tokenize data-check sample evaluate sweep sweep-train claims test test-slow bench bench-train lint tb clean
+.PHONY: help setup data train tokenize data-check sample evaluate sweep sweep-train claims test test-slow bench bench-train gpu-check lint tb clean
 
 help:
 	@echo "make train [EXP=fmnist] [ARGS='hydra overrides']  set up, then train experiment EXP end to end"
 	@echo "make test                                         set up, then run the default test suite"
 	@echo "make sample [EXP=fmnist] [ARGS='schedule=maskgit_12 decode.cache=none']  sample grid from the newest checkpoint"
 	@echo "make bench [ARGS=...]  decode benchmark, runs/bench/decode.json;  make bench-train  training-step benchmark"
+	@echo "make gpu-check [GPU_PYTHON=python3]  on a GPU machine: CUDA tests, decode/forward/training timings, targets (runs/gpu_check/)"
 	@echo "make evaluate | sweep [SWEEP=schedules|cache|guidance] | sweep-train SWEEP=distill  (results.csv, notebooks/ablations.ipynb)"
 	@echo "make claims [EXP=fmnist_paper]  the paper's claims with mean ± std and verdicts from runs/EXP/results.csv"
 	@echo "make data-check EXP=ucf101_b ARGS='data.root=DIR'  read every file of every split once; report counts and bad files"
@@ -84,9 +85,17 @@ test-slow: setup
 bench: setup
 	$(PY) -m magnets.bench bench=decode $(ARGS)
 
-# Nested vs single-width training step time (model s, 16x16 tokens); JSON in runs/bench/train.json.
+# Nested vs single-width training step time (model s, 16x16 tokens; ARGS="train_bench.precision=bf16-mixed" as the
+# GPU presets train); JSON in runs/bench/train.json.
 bench-train: setup
 	$(PY) -m magnets.bench bench=train $(ARGS)
+
+# The GPU check with the machine's own torch (>= 2.11), outside the venv: the CUDA tests, the decode benchmark at model b
+# (batch 64 and 256, video batch 16; eager and fast paths), per-width forwards, the bf16 training step, and the targets
+# met or not: runs/gpu_check/gpu_check.json and gpu_check.md. GPU_PYTHON=.venv/bin/python uses the project's venv.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} HF_HUB_OFFLINE=1 $(GPU_PYTHON) -m magnets.gpu_check $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests notebooks

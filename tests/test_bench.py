@@ -213,3 +213,30 @@ def test_compiled_width_losses_equal_the_eager_ones():
     for width, (loss, _) in compiled.width_losses(inputs, tokens, mask, labels, alpha=0.5).items():
         expected = eager.width_losses(inputs, tokens, mask, labels, alpha=0.5)[width][0]
         torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gpu_check_runs_every_part_and_writes_its_table_on_the_cpu(tmp_path):
+    """The GPU check, shrunk to a tiny model on the CPU: every part runs, the JSON and the table are written."""
+    from magnets.gpu_check import check_gpu_check_config, gpu_check
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "gpu_check",
+            overrides=[
+                "device=cpu", "model_size=tiny", "run_tests=false", "batch_sizes=[64]", "video_batch_size=1",
+                "forward_batch_size=2", "train_batch_size=2", "warmup=0", "repeats=1", "train_compile=[false]",
+                "bench_overrides=['grid=[4,4]']", "video_overrides=['grid=[3,4,4]']", f"out={tmp_path}",
+            ],
+        )  # fmt: skip
+    check_gpu_check_config(cfg)
+    result = gpu_check(cfg)
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {d["geometry"] for d in saved["decode"]} == {"image", "video"}
+    assert {r["path"] for r in saved["decode"][0]["records"]} == {"eager", "fast"}
+    assert [row["width"] for row in saved["width_forwards"]] == [1, 2, 4, 8]
+    targets = {row["target"]: row for row in result["targets"]}
+    assert set(targets) == set(cfg.targets)
+    cached = [r for r in saved["decode"][0]["records"] if (r["schedule"], r["cache"]) == ("magnets_3333", "refresh_on_switch")]
+    assert targets["magnets_cached_b64_of_flop_ratio"]["value"] == max(r["speedup_over_flops_ratio"] for r in cached)
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| magnets_cached_b64_of_flop_ratio |" in table and "| m_8 |" in table and "compile=False" in table
