@@ -197,7 +197,8 @@ def test_decode_masked_counts_reveal_at_least_one_per_step(schedule_name):
 @pytest.mark.parametrize(
     ("cache", "guidance"), [("none", 0.0), ("refresh_on_switch", 0.0), ("no_refresh", 2.0), ("refresh_every_n", 2.0)]
 )
-def test_analytic_flops_match_the_flop_counter(cache, guidance):
+@pytest.mark.parametrize("fast", [False, True])
+def test_analytic_flops_match_the_flop_counter(cache, guidance, fast):
     """The formula against torch's counter on a real decode (the CPU attention kernel given torch's SDPA formula)."""
     torch.manual_seed(0)
     cfg = TransformerConfig(codebook_size=64, grid=[64], num_classes=3, dim=64, depth=2, heads=4, mlp_dim=128, widths=WIDTHS)
@@ -208,8 +209,9 @@ def test_analytic_flops_match_the_flop_counter(cache, guidance):
     counter = flop_counter()
     with torch.inference_mode(), counter:
         result = decode(
-            build_tokens_to_logits(model, cache), tokens, labels, schedule, settings, mask_id=cfg.mask_id, null_class=3
-        )
+            build_tokens_to_logits(model, cache, fast=fast, width_per_step=schedule), tokens, labels, schedule, settings,
+            mask_id=cfg.mask_id, null_class=3,
+        )  # fmt: skip
     counted = counter.get_total_flops() / 2
     analytic = decode_flops_per_sample(cfg, result.work, samples=2)
     assert analytic == pytest.approx(counted, rel=0.02)
