@@ -24,6 +24,8 @@ class CapturedStep:
         with torch.cuda.stream(side):  # warm-up outside the capture (library handles, workspaces)
             forward(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
+        # Weights cast by autocast in the warm-up would be read by the graph after the cast cache is freed.
+        torch.clear_autocast_cache()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.output = forward(*self.inputs)
