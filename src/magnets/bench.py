@@ -55,7 +55,6 @@ from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.masking import random_training_mask
 from magnets.models.tokenizer import num_tokens, tokenizer_config
 from magnets.models.transformer import MODEL_SIZES, NestedTransformer, TransformerConfig
-from magnets.runtime import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,6 @@ def run_settings(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "keep_freed_memory": keep_freed_memory(),  # magnets.runtime: idempotent, so this reads the setting in force
     }
 
 

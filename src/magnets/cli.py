@@ -32,21 +32,16 @@ from magnets.models.tokenizer import PRETRAINED_KINDS, TOKENIZER_KINDS, tokenize
 from magnets.models.transformer import MODEL_SIZES
 from magnets.pipeline import LOGGERS
 from magnets.runs import resume_checkpoint
-from magnets.runtime import keep_freed_memory
 from magnets.task import build_task
 
 T = TypeVar("T")
 
 
 def run_entry(task: Callable[[DictConfig], T], cfg: DictConfig, check: Callable[[DictConfig], None] | None = None) -> T:
-    """``check(cfg)``, the process settings of ``magnets.runtime``, then ``task(cfg)``.
-
-    A user error exits with status 2 and one line on stderr.
-    """
+    """``check(cfg)`` then ``task(cfg)``; a user error exits with status 2 and one line on stderr."""
     try:
         if check is not None:
             check(cfg)
-        keep_freed_memory()
         return task(cfg)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
