@@ -56,14 +56,17 @@ def gather_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return x.gather(1, positions[:, :, None].expand(-1, -1, x.shape[-1]))
 
 
-def ascending_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """Ascending positions ``[B, count]`` of the True entries of ``mask`` ``[B, N]``; each row holds exactly ``count``.
+def masked_first(mask: torch.Tensor) -> torch.Tensor:
+    """Positions ``[B, N]``: the True entries of ``mask`` ``[B, N]`` first, then the others, each in ascending order.
 
-    A stable sort puts the True entries first in grid order; unlike
-    ``nonzero`` it needs no host synchronisation, since ``count`` is known.
+    A stable sort: unlike ``nonzero`` it needs no host synchronisation.
     """
-    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices  # [B, N]: True entries first, ascending
-    return order[:, :count]
+    return torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices
+
+
+def ascending_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Ascending positions ``[B, count]`` of the True entries of ``mask`` ``[B, N]``; each row holds exactly ``count``."""
+    return masked_first(mask)[:, :count]
 
 
 class KVCache:
@@ -270,7 +273,7 @@ class PlannedLogits:
             query_positions = torch.cat([just_revealed, ascending_positions(masked, planned.masked_before)], dim=1)
             inputs = (tokens.gather(1, query_positions), labels, query_positions)  # [B, R + M] each
         else:
-            order = torch.sort((~masked).to(torch.uint8), dim=1, stable=True).indices  # [B, N]: masked, then revealed
+            order = masked_first(masked)  # [B, N]: the masked positions, then the revealed ones
             inputs = (tokens, labels, order)
         logits = self._run(planned, inputs)
         self.previous_masked, self.next_step = masked, step + 1
