@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import flop_counter
-from magnets.decoding.cache import ascending_positions, build_tokens_to_logits, fast_path_for
+from magnets.decoding.cache import ascending_positions, build_tokens_to_logits
 from magnets.decoding.flops import decode_flops_per_sample
 from magnets.decoding.loop import SamplingSettings, decode
 from magnets.decoding.plan import CACHE_MODES, plan_decode
@@ -361,11 +361,3 @@ def test_static_compile_of_the_planned_path_compiles_each_step_shape_once():
     plan = plan_decode(GRID, schedule, "refresh_on_switch")
     # The cache writes run eagerly (graph breaks), so a step is a few graphs; the second decode compiles nothing.
     assert len(plan.distinct_shapes()) == 3 and graphs[0] >= 3 and graphs[1] == graphs[0]
-
-
-def test_decode_fast_auto_takes_the_planned_path_on_the_cpu_only():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert fast_path_for("auto", cpu) and not fast_path_for("auto", cuda)
-    assert fast_path_for(True, cuda) and not fast_path_for(False, cpu)
-    with pytest.raises(ValueError, match=r"decode.fast='graphs' is not valid; valid: \['auto', True, False\]"):
-        fast_path_for("graphs", cpu)

@@ -21,7 +21,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from magnets.data.base import DATAMODULES, SPLITS
-from magnets.decoding.cache import FAST_PATH_SETTINGS
 from magnets.decoding.loop import DECODE_DTYPES, GUIDANCE_RAMPS
 from magnets.decoding.plan import CACHE_MODES
 from magnets.decoding.schedules import load_schedule, shipped_schedules
@@ -67,8 +66,8 @@ def check_decode(decode: Mapping[str, Any], key: str = "decode") -> None:
     check_positive_int(f"{key}.refresh_every", decode["refresh_every"])
     check_choice(f"{key}.mask_schedule", decode["mask_schedule"], sorted(MASK_SCHEDULES))
     check_choice(f"{key}.guidance_ramp", decode["guidance_ramp"], GUIDANCE_RAMPS)
-    check_choice(f"{key}.compile", decode["compile"], [True, False])
-    check_choice(f"{key}.fast", decode["fast"], FAST_PATH_SETTINGS)
+    for name in ("compile", "fast"):
+        check_choice(f"{key}.{name}", decode[name], [True, False])
     for name, low, inclusive in (
         ("temperature", 0.0, False), ("temperature_anneal", 0.0, True),
         ("choice_temperature", 0.0, True), ("guidance_scale", 0.0, True),

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Subset
 
 from magnets.data.base import build_datamodule, drop_unreadable, to_unit_float
 from magnets.data.shards import TokenDataset
-from magnets.decoding.cache import build_tokens_to_logits, fast_path_for
+from magnets.decoding.cache import build_tokens_to_logits
 from magnets.decoding.flops import decode_flops_per_sample
 from magnets.decoding.loop import SamplingSettings, decode
 from magnets.decoding.plan import StepWork
@@ -128,7 +128,7 @@ def generate_samples(
     generator: torch.Generator | None = None,
     compile: bool = False,
     autocast_dtype: torch.dtype | None = None,
-    fast: str | bool = False,
+    fast: bool = False,
 ) -> Iterator[GeneratedBatch]:
     """Decode one sample per condition, ``batch_size`` at a time, and turn the tokens into media.
 
@@ -136,8 +136,7 @@ def generate_samples(
     (taken from ``conditions.real_tokens``), which every output keeps.
     ``compile``: the transformer's forward through ``torch.compile``;
     ``fast``: the planned path (``magnets.decoding.cache.PlannedLogits``,
-    reused across calls while the model's weights stay where they are), or
-    ``"auto"`` (``fast_path_for``: where it is measured faster);
+    reused across calls while the model's weights stay where they are);
     ``autocast_dtype`` (e.g. bfloat16 under bf16-mixed training): the
     transformer runs under autocast, the tokenizer's decode does not.
     """
@@ -146,8 +145,7 @@ def generate_samples(
     if list(grid) != list(cfg.grid):
         raise MismatchError(f"the tokenizer makes a {list(grid)} token grid but the model was trained on {cfg.grid}")
     tokens_to_logits = build_tokens_to_logits(
-        model, cache, refresh_every, compile=compile, fast=fast_path_for(fast, conditions.labels.device),
-        width_per_step=width_per_step,
+        model, cache, refresh_every, compile=compile, fast=fast, width_per_step=width_per_step,
         mask_schedule=settings.mask_schedule,
     )  # fmt: skip
     device = conditions.labels.device

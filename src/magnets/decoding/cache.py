@@ -308,24 +308,6 @@ class PlannedLogits:
         return state.captured[planned.step](*inputs)
 
 
-FAST_PATH_SETTINGS = ("auto", True, False)  # decode.fast
-
-
-def fast_path_for(setting: str | bool, device: torch.device) -> bool:
-    """Whether ``decode.fast`` = ``setting`` decodes through the planned path on ``device``.
-
-    ``auto`` takes the path measured faster there: the planned one on the CPU
-    (``make bench``: cached ``magnets_3333`` 0.95 of its FLOP ratio against
-    the eager path's 0.87, model ``s``, batch 8); the eager one on CUDA until
-    ``make gpu-check`` has measured the captured graphs there.
-    """
-    if setting not in FAST_PATH_SETTINGS:
-        raise ValueError(f"decode.fast={setting!r} is not valid; valid: {list(FAST_PATH_SETTINGS)}")
-    if setting == "auto":
-        return device.type == "cpu"
-    return bool(setting)
-
-
 def build_tokens_to_logits(
     model: NestedTransformer,
     cache: str,

@@ -53,7 +53,7 @@ class SamplingValidation(L.Callback):
         cache: str = "refresh_on_switch",
         refresh_every: int = 2,
         compile: bool = False,
-        fast: str | bool = False,
+        fast: bool = False,
         samples: int = 500,
         batch_size: int = 250,
         every_n: int = 1,
