@@ -8,7 +8,7 @@ ARGS ?=
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist
 
-.PHONY: help setup data train tokenize data-check sample evaluate sweep sweep-train claims test test-slow bench bench-train gpu-check lint tb clean
+.PHONY: help setup data train tokenize data-check sample evaluate sweep sweep-train claims test test-slow bench bench-train bench-policies gpu-check lint tb clean
 
 help:
 	@echo "make train [EXP=fmnist] [ARGS='hydra overrides']  set up, then train experiment EXP end to end"
@@ -89,6 +89,10 @@ bench: setup
 # GPU presets train); JSON in runs/bench/train.json.
 bench-train: setup
 	$(PY) -m magnets.bench bench=train $(ARGS)
+
+# The decode policies (routing, partial refresh, orders) beside plain schedules; runs/bench/policies.json.
+bench-policies: setup
+	$(PY) -m magnets.bench --config-name bench_policies $(ARGS)
 
 # The GPU check with the machine's own torch (>= 2.11), outside the venv: the CUDA tests, the decode benchmark at model b
 # (batch 64 and 256, video batch 16; eager and fast paths), per-width forwards, the bf16 training step, and the targets

@@ -43,11 +43,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from magnets.cli import check_choice, check_decode, check_device, check_model, check_positive_int, check_schedule, run_entry
-from magnets.decoding.cache import build_tokens_to_logits
+from magnets.cli import (
+    check_choice,
+    check_decode,
+    check_device,
+    check_model,
+    check_policy_fits,
+    check_positive_int,
+    check_schedule,
+    run_entry,
+)
 from magnets.decoding.flops import decode_flops_per_sample, nested_training_flop_ratio
 from magnets.decoding.loop import DECODE_DTYPES, SamplingSettings, decode
 from magnets.decoding.plan import CACHE_MODES, plan_decode
+from magnets.decoding.policies import build_decode_callables, policy_label, route_settings
 from magnets.decoding.schedules import load_schedule, shipped_schedules
 from magnets.errors import ConfigError
 from magnets.files import atomic_write_json
@@ -234,32 +243,44 @@ def bench_decode(cfg: DictConfig) -> dict[str, Any]:
     settings = SamplingSettings.from_config(cfg.decode)
     torch.manual_seed(0)
     model = NestedTransformer(model_cfg).to(device=device, dtype=dtype).eval()
-    baseline = (bench.baseline, "none", "eager")
+    baseline = (bench.baseline, "none", "eager", "")
     configurations = [baseline] + [
-        (s, c, path) for path in bench.paths for s in bench.schedules for c in bench.caches if (s, c, path) != baseline
-    ]
-    width_per_step = {name: load_schedule(name).width_per_step(model_cfg.widths) for name, _, _ in configurations}
+        (s, c, path, "") for path in bench.paths for s in bench.schedules for c in bench.caches
+        if (s, c, path, "") != baseline
+    ]  # fmt: skip
+    # Each decode policy (decode_bench.policies: decode-group overrides with a schedule) is one more configuration.
+    policy_decode = {"": cfg.decode}
+    for entry in bench.policies:
+        decode_cfg = OmegaConf.merge(cfg.decode, {k: v for k, v in entry.items() if k != "schedule"})
+        label = policy_label(decode_cfg)
+        policy_decode[label] = decode_cfg
+        configurations.append((entry.schedule, decode_cfg.cache, "eager", label))
+    width_per_step = {key[0]: load_schedule(key[0]).width_per_step(model_cfg.widths) for key in configurations}
     labels = torch.arange(cfg.batch_size, device=device) % model_cfg.num_classes
     initial = torch.full((cfg.batch_size, model_cfg.num_tokens), model_cfg.mask_id, device=device)
 
-    def run(schedule: str, cache: str, path: str) -> tuple[float, list]:
-        tokens_to_logits = build_tokens_to_logits(
-            model, cache, cfg.decode.refresh_every, compile=cfg.decode.compile, fast=path == "fast",
-            width_per_step=width_per_step[schedule], mask_schedule=settings.mask_schedule,
+    def run(schedule: str, cache: str, path: str, policy: str) -> tuple[float, list]:
+        decode_cfg = policy_decode[policy]
+        policy_settings = SamplingSettings.from_config(decode_cfg)
+        tokens_to_logits, unconditional_logits = build_decode_callables(
+            model, policy_settings, cache, decode_cfg.refresh_every, refresh_layer=decode_cfg.refresh_layer,
+            route=route_settings(decode_cfg), compile=decode_cfg.compile, fast=path == "fast",
+            width_per_step=width_per_step[schedule],
         )  # fmt: skip
         generator = torch.Generator(device).manual_seed(0)
         synchronize(device)
         start = time.perf_counter()
         result = decode(
-            tokens_to_logits, initial, labels, width_per_step[schedule], settings,
+            tokens_to_logits, initial, labels, width_per_step[schedule], policy_settings,
             mask_id=model_cfg.mask_id, null_class=model_cfg.null_class, generator=generator,
+            unconditional_logits=unconditional_logits,
         )  # fmt: skip
         synchronize(device)
         return time.perf_counter() - start, result.work
 
-    times: dict[tuple[str, str, str], list[float]] = {key: [] for key in configurations}
-    peak_mb: dict[tuple[str, str, str], float | None] = {key: None for key in configurations}
-    work: dict[tuple[str, str, str], list] = {}
+    times: dict[tuple[str, str, str, str], list[float]] = {key: [] for key in configurations}
+    peak_mb: dict[tuple[str, str, str, str], float | None] = {key: None for key in configurations}
+    work: dict[tuple[str, str, str, str], list] = {}
     with torch.inference_mode():
         for repeat in range(cfg.warmup + cfg.repeats):
             for key in configurations:  # interleaved: every configuration sees the same machine state
@@ -270,19 +291,20 @@ def bench_decode(cfg: DictConfig) -> dict[str, Any]:
                     peak_mb[key] = max(peak_mb[key] or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
                 if repeat >= cfg.warmup:
                     times[key].append(seconds)
-                log.info("repeat %d %s/%s/%s: %.3f s", repeat, *key, seconds)
+                log.info("repeat %d %s/%s/%s %s: %.3f s", repeat, *key, seconds)
 
     gflops = {key: decode_flops_per_sample(model_cfg, work[key], cfg.batch_size) / 1e9 for key in configurations}
     median_s = {key: statistics.median(times[key]) for key in configurations}
     records = []
     for key in configurations:
-        schedule, cache, path = key
+        schedule, cache, path, policy = key
         speedup, flops_ratio = median_s[baseline] / median_s[key], gflops[baseline] / gflops[key]
         records.append(
             {
                 "schedule": schedule,
                 "cache": cache,
                 "path": path,
+                "policy": policy,
                 "gflops_per_sample": gflops[key],
                 "ms_per_sample": 1000 * median_s[key] / cfg.batch_size,
                 "samples_per_s": cfg.batch_size / median_s[key],
@@ -401,13 +423,13 @@ def write_json(result: dict[str, Any], path: str | Path) -> Path:
 def print_decode(result: dict[str, Any], path: Path) -> None:
     print(
         f"{'schedule':<16} {'cache':<18} {'path':<6} {'GFLOPs/sample':>13} {'ms/sample':>10} {'speedup':>8} "
-        f"{'FLOP ratio':>10} {'ratio':>6} {'GFLOP/s':>8}"
+        f"{'FLOP ratio':>10} {'ratio':>6} {'GFLOP/s':>8}  policy"
     )
     for r in result["records"]:
         print(
             f"{r['schedule']:<16} {r['cache']:<18} {r['path']:<6} {r['gflops_per_sample']:>13.1f} {r['ms_per_sample']:>10.1f} "
             f"{r['speedup_vs_baseline']:>8.2f} {r['flops_ratio_vs_baseline']:>10.2f} {r['speedup_over_flops_ratio']:>6.2f} "
-            f"{r['achieved_gflops_per_s']:>8.1f}"
+            f"{r['achieved_gflops_per_s']:>8.1f}  {r['policy']}"
         )
     print(f"dense matmul {result['matmul_shape']}: {result['matmul_gflops_per_s']:.1f} GFLOP/s")
     grid, baseline = "x".join(map(str, result["geometry"]["grid"])), result["settings"]["decode_bench"]["baseline"]
@@ -454,6 +476,17 @@ def check_bench_config(cfg: DictConfig) -> None:
         check_choice("decode_bench.caches", cache, CACHE_MODES)
     for path in cfg.decode_bench.paths:
         check_choice("decode_bench.paths", path, DECODE_PATHS)
+    for index, entry in enumerate(cfg.decode_bench.policies):
+        key = f"decode_bench.policies[{index}]"
+        if "schedule" not in entry:
+            raise ConfigError(f"{key}.schedule", None, "a schedule name for the policy, e.g. maskgit_4")
+        check_schedule(entry.schedule, cfg.model.widths, key=f"{key}.schedule")
+        unknown = sorted(set(entry) - {"schedule"} - set(cfg.decode))
+        if unknown:
+            raise ConfigError(f"{key}", unknown, f"keys of the decode group: {sorted(cfg.decode)}")
+        decode_cfg = OmegaConf.merge(cfg.decode, {k: v for k, v in entry.items() if k != "schedule"})
+        check_decode(decode_cfg, key=key)
+        check_policy_fits(decode_cfg, cfg.model.widths, MODEL_SIZES[cfg.model.size]["depth"], key=key)
     check_choice("train_bench.precision", cfg.train_bench.precision, list(TRAIN_PRECISIONS))
     check_choice("train_bench.compile", cfg.train_bench.compile, [True, False])
 

@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from magnets.data.base import DATAMODULES, SPLITS
 from magnets.decoding.loop import DECODE_DTYPES, GUIDANCE_RAMPS
-from magnets.decoding.plan import CACHE_MODES
+from magnets.decoding.plan import CACHE_MODES, POLICY_CACHE_MODES
+from magnets.decoding.policies import ROUTES
 from magnets.decoding.schedules import load_schedule, shipped_schedules
 from magnets.errors import ConfigError, UserError
 from magnets.lit.maskgit import DISTILL_MODES
@@ -60,9 +61,9 @@ def check_positive_int(key: str, value: Any) -> None:
 
 
 def check_decode(decode: Mapping[str, Any], key: str = "decode") -> None:
-    """The ``decode`` group: sampling settings, cache mode and refresh period."""
+    """The ``decode`` group: sampling settings, cache mode and refresh period, and the decode policies."""
 
-    check_choice(f"{key}.cache", decode["cache"], CACHE_MODES)
+    check_choice(f"{key}.cache", decode["cache"], CACHE_MODES + POLICY_CACHE_MODES)
     check_positive_int(f"{key}.refresh_every", decode["refresh_every"])
     check_choice(f"{key}.mask_schedule", decode["mask_schedule"], sorted(MASK_SCHEDULES))
     check_choice(f"{key}.guidance_ramp", decode["guidance_ramp"], GUIDANCE_RAMPS)
@@ -75,6 +76,20 @@ def check_decode(decode: Mapping[str, Any], key: str = "decode") -> None:
         value = decode[name]
         if not isinstance(value, int | float) or value < low or (value == low and not inclusive):
             raise ConfigError(f"{key}.{name}", value, f"a number {'>=' if inclusive else '>'} {low:g}")
+    check_choice(f"{key}.route", decode["route"], ROUTES)
+    check_positive_int(f"{key}.route_width", decode["route_width"])
+    fraction = decode["route_fraction"]
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+        raise ConfigError(f"{key}.route_fraction", fraction, "a number in (0, 1]")
+    for name in ("refresh_layer", "guidance_width", "guidance_steps"):
+        value = decode[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{key}.{name}", value, "an integer >= 0 (0: off)")
+    policy = decode["route"] != "none" or decode["cache"] in POLICY_CACHE_MODES
+    if policy and (decode["fast"] or decode["compile"]):
+        raise ConfigError(f"{key}.fast", decode["fast"], "false with a decode policy (route or refresh_from_layer): they run eagerly")
+    if decode["route"] != "none" and decode["cache"] in POLICY_CACHE_MODES:
+        raise ConfigError(f"{key}.route", decode["route"], "none with cache refresh_from_layer (they do not combine)")
 
 
 def check_schedule(schedule: Any, widths: Iterable[int] | None = None, key: str = "schedule") -> None:
@@ -259,3 +274,12 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     if cfg.reference.npz is not None and not Path(cfg.reference.npz).is_file():
         valid = "null or an existing .npz of reference statistics (ADM's mu, sigma; or mean, cov, count)"
         raise ConfigError("reference.npz", cfg.reference.npz, valid)
+
+
+def check_policy_fits(decode: Mapping[str, Any], widths: Iterable[int], depth: int, key: str = "decode") -> None:
+    """The decode policies against the loaded model: a routed width it has, a refresh layer in ``[0, depth]``."""
+    widths = list(widths)
+    if decode["route"] != "none" and decode["route_width"] not in widths:
+        raise ConfigError(f"{key}.route_width", decode["route_width"], f"a width of the model: {widths}")
+    if decode["cache"] in POLICY_CACHE_MODES and not 0 <= decode["refresh_layer"] <= depth:
+        raise ConfigError(f"{key}.refresh_layer", decode["refresh_layer"], f"a layer in 0..{depth} (the model's depth)")

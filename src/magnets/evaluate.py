@@ -67,7 +67,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
-from magnets.cli import check_choice, check_evaluate_config, check_positive_int, run_entry
+from magnets.cli import check_choice, check_evaluate_config, check_policy_fits, check_positive_int, run_entry
 from magnets.data.shards import TokenDataset
 from magnets.decoding.loop import DECODE_DTYPES, SamplingSettings
 from magnets.decoding.schedules import load_schedule
@@ -100,18 +100,21 @@ from magnets.metrics.extractors import (
 )
 from magnets.metrics.fid import FeatureExtractor, FeatureStats
 from magnets.metrics.reconstruction import reconstruction_fid, rfid_cache_path
+from magnets.decoding.policies import policy_label, policy_slug, route_settings
 from magnets.runs import resolve_checkpoint, shard_dir, tokenizer_of_run
 from magnets.task import Task
 
 log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = (
-    "experiment", "checkpoint", "distill", "task", "schedule", "widths", "steps_per_width", "cache", "guidance", "steps",
+    "experiment", "checkpoint", "distill", "task", "schedule", "widths", "steps_per_width", "cache", "guidance", "policy", "steps",
     "samples", "extractor", "reference", "seed", "aggregate", "n_seeds", "fid", "fvd", "rfid", "inception_score",
     "inception_score_std", "class_acc", "gflops_per_sample", "seconds", "git_commit", "grid",
 )  # fmt: skip
 """A row per seed (``seed`` its seed, ``aggregate`` empty, ``n_seeds`` 1); with several seeds two more, ``aggregate``
-``mean`` and ``std`` (``seed`` empty, ``n_seeds`` their number). ``rfid``: the tokenizer's reconstruction FID (FVD)."""
+``mean`` and ``std`` (``seed`` empty, ``n_seeds`` their number). ``rfid``: the tokenizer's reconstruction FID (FVD).
+``policy``: what the decode set beyond one width per step and batched guidance (``magnets.decoding.policies.policy_label``:
+routing, partial refresh, guidance apart), empty when nothing."""
 
 
 def append_result(path: str | Path, row: dict[str, Any]) -> None:
@@ -322,6 +325,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model = model.to(DECODE_DTYPES[cfg.dtype])
     schedule = load_schedule(OmegaConf.to_container(cfg.schedule, resolve=True))
     width_per_step = schedule.width_per_step(model.cfg.widths)
+    check_policy_fits(cfg.decode, model.cfg.widths, model.cfg.depth)
     settings = SamplingSettings.from_config(cfg.decode)
     tokenizer_path = Path(cfg.tokenizer_checkpoint or tokenizer_of_run(run_config, checkpoint, cfg.paths.runs))
     tokenizer = load_tokenizer(tokenizer_path, device)
@@ -337,7 +341,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     rfid = tokenizer_rfid(tokenizer, tokenizer_path, run_config["data"], extractor, reference, described, cfg)
     shard = condition_shard(task, run_config, cfg)
     num_classes = model.cfg.num_classes
-    description = f"{schedule.name}/{cfg.decode.cache}/w={settings.guidance_scale:g}"
+    policy = policy_label(cfg.decode)
+    description = f"{schedule.name}/{cfg.decode.cache}/w={settings.guidance_scale:g}" + (f"/{policy}" if policy else "")
     columns = grid_columns(task, num_classes)
     unit = "clip" if extractor.media_kind == "video" else "img"
     metric = frechet_metric_name(extractor)
@@ -358,6 +363,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             return generate_samples(
                 model, tokenizer, task, conditions, width_per_step, settings, cfg.decode.cache, cfg.decode.refresh_every,
                 cfg.batch_size, chunk_generator(seed, chunk, device), compile=cfg.decode.compile, fast=cfg.decode.fast,
+                refresh_layer=cfg.decode.refresh_layer, route=route_settings(cfg.decode),
             )  # fmt: skip
 
         with tqdm(total=cfg.samples, desc=f"{description} seed {seed}", unit=unit, dynamic_ncols=True) as bar:
@@ -367,9 +373,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 keep_images=2 * columns, progress=bar.update, is_splits=cfg.is_splits,
             )  # fmt: skip
         run_name = checkpoint.parent.parent.name
-        grid_stem = (
-            results.parent / "grids" / f"{run_name}_{schedule.name}_{cfg.decode.cache}_w{settings.guidance_scale:g}_seed{seed}"
-        )
+        grid_name = f"{run_name}_{schedule.name}_{cfg.decode.cache}_w{settings.guidance_scale:g}{policy_slug(policy)}_seed{seed}"
+        grid_stem = results.parent / "grids" / grid_name
         # Class-conditional samples hold labels 0, 1, ..., C-1, 0, ...: with C <= 10 columns, one row per round of classes.
         media_files = save_media(quality.first_images, grid_stem, nrow=columns)
         grid_path = next(path for path in media_files if path.suffix == ".png")  # the image grid or the clips' frame strip
@@ -383,6 +388,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "steps_per_width": "-".join(map(str, schedule.steps)),
             "cache": cfg.decode.cache,
             "guidance": settings.guidance_scale,
+            "policy": policy,
             "steps": len(width_per_step),
             "samples": quality.samples,
             "extractor": extractor.name,

@@ -34,10 +34,10 @@ from torch.utils.data import DataLoader, Subset
 
 from magnets.data.base import build_datamodule, drop_unreadable, to_unit_float
 from magnets.data.shards import TokenDataset
-from magnets.decoding.cache import build_tokens_to_logits
 from magnets.decoding.flops import decode_flops_per_sample
 from magnets.decoding.loop import SamplingSettings, decode
 from magnets.decoding.plan import StepWork
+from magnets.decoding.policies import RouteSettings, build_decode_callables
 from magnets.errors import MismatchError
 from magnets.files import atomic_write, atomic_write_text
 from magnets.metrics.fid import FeatureAccumulator, FeatureExtractor, FeatureStats, frechet_distance, resolve_reference
@@ -129,6 +129,8 @@ def generate_samples(
     compile: bool = False,
     autocast_dtype: torch.dtype | None = None,
     fast: bool = False,
+    refresh_layer: int = 0,
+    route: RouteSettings | None = None,
 ) -> Iterator[GeneratedBatch]:
     """Decode one sample per condition, ``batch_size`` at a time, and turn the tokens into media.
 
@@ -139,14 +141,15 @@ def generate_samples(
     reused across calls while the model's weights stay where they are);
     ``autocast_dtype`` (e.g. bfloat16 under bf16-mixed training): the
     transformer runs under autocast, the tokenizer's decode does not.
+    ``refresh_layer`` and ``route``: the decode policies of ``magnets.decoding.policies``.
     """
     cfg = model.cfg
     grid = tuple(tokenizer.grid)
     if list(grid) != list(cfg.grid):
         raise MismatchError(f"the tokenizer makes a {list(grid)} token grid but the model was trained on {cfg.grid}")
-    tokens_to_logits = build_tokens_to_logits(
-        model, cache, refresh_every, compile=compile, fast=fast, width_per_step=width_per_step,
-        mask_schedule=settings.mask_schedule,
+    tokens_to_logits, unconditional_logits = build_decode_callables(
+        model, settings, cache, refresh_every, refresh_layer=refresh_layer, route=route, compile=compile, fast=fast,
+        width_per_step=width_per_step,
     )  # fmt: skip
     device = conditions.labels.device
     for start in range(0, len(conditions), batch_size):
@@ -157,6 +160,7 @@ def generate_samples(
             result = decode(
                 tokens_to_logits, initial, task.model_labels(labels, cfg.null_class), width_per_step, settings,
                 mask_id=cfg.mask_id, null_class=cfg.null_class, generator=generator,
+                unconditional_logits=unconditional_logits,
             )  # fmt: skip
         media = tokenizer.decode(result.tokens.view(-1, *grid))  # [b, N] -> [b, *grid] -> [b, C, *spatial]
         yield GeneratedBatch(media, labels, result.tokens, result.work)

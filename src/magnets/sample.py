@@ -25,13 +25,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from magnets.cli import check_sample_config, run_entry
+from magnets.cli import check_policy_fits, check_sample_config, run_entry
 from magnets.data.shards import TokenDataset
 from magnets.decoding.flops import decode_flops_per_sample
 from magnets.decoding.loop import DECODE_DTYPES, SamplingSettings
 from magnets.decoding.plan import plan_decode
 from magnets.decoding.schedules import load_schedule
 from magnets.errors import ConfigError
+from magnets.decoding.policies import policy_label, policy_slug, route_settings
 from magnets.evaluation import DecodeConditions, decode_conditions, generate_samples
 from magnets.files import atomic_write
 from magnets.lit.maskgit import load_maskgit
@@ -51,6 +52,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     model_cfg = model.cfg
     schedule = load_schedule(OmegaConf.to_container(cfg.schedule, resolve=True))
     width_per_step = schedule.width_per_step(model_cfg.widths)
+    check_policy_fits(cfg.decode, model_cfg.widths, model_cfg.depth)
     settings = SamplingSettings.from_config(cfg.decode)
     tokenizer_path = cfg.tokenizer_checkpoint or tokenizer_of_run(run_config, checkpoint, cfg.paths.runs)
     tokenizer = load_tokenizer(tokenizer_path, device)
@@ -69,6 +71,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     batches = generate_samples(
         model, tokenizer, task, conditions, width_per_step, settings, cfg.decode.cache, cfg.decode.refresh_every,
         cfg.batch_size, generator, compile=cfg.decode.compile, fast=cfg.decode.fast,
+        refresh_layer=cfg.decode.refresh_layer, route=route_settings(cfg.decode),
     )  # fmt: skip
     images, tokens, work = [], [], []
     with torch.inference_mode(), tqdm(total=len(conditions), desc=f"{schedule.name}/{cfg.decode.cache}", unit="sample") as bar:
@@ -86,7 +89,9 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         model_cfg.num_tokens, [1] * len(width_per_step), "none", guided=settings.guided, num_masked=masked
     ).work()
     baseline_gflops = decode_flops_per_sample(model_cfg, baseline_work, samples=1) / 1e9
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else checkpoint.parent.parent / "samples" / f"{schedule.name}_{cfg.decode.cache}"
+    policy = policy_label(cfg.decode)
+    folder = f"{schedule.name}_{cfg.decode.cache}{policy_slug(policy)}"
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else checkpoint.parent.parent / "samples" / folder
     media_files = save_media(images, out_dir / "grid", nrow=cfg.samples_per_class)
     if task.given_tokens:  # the real clips the predictions started from, through the same tokenizer
         with torch.inference_mode():
@@ -99,6 +104,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         "widths": list(schedule.widths),
         "steps": list(schedule.steps),
         "cache": cfg.decode.cache,
+        "policy": policy,
         "samples": len(labels),
         "gflops_per_sample": gflops,
         "baseline_gflops_per_sample": baseline_gflops,

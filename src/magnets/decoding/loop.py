@@ -19,8 +19,9 @@ from magnets.decoding.cache import ascending_positions
 from magnets.decoding.plan import StepWork
 from magnets.masking import MASK_SCHEDULES, decode_masked_counts
 
-# tokens [B, N], labels [B], width, step -> (logits [B, M, V] at the masked positions in ascending order, work)
-TokensToLogits = Callable[[torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, StepWork]]
+# tokens [B, N], labels [B], width, step -> (logits [B, M, V] at the masked positions in ascending order, work): the
+# work of a pass at one width is one StepWork; a pass of token groups (magnets.decoding.policies) reports a list.
+TokensToLogits = Callable[[torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, StepWork | list[StepWork]]]
 
 GUIDANCE_RAMPS = ("constant", "linear")
 
@@ -39,6 +40,8 @@ class SamplingSettings:
     choice_temperature: float = 4.5  # Gumbel noise on the confidences, times (1 - (k+1)/K)
     guidance_scale: float = 0.0  # w: (1 + w) cond - w uncond; 0 runs no unconditional branch
     guidance_ramp: str = "constant"  # constant: w at every step; linear: w (k+1)/K
+    guidance_width: int = 0  # the unconditional pass at this width factor when narrower than the step's; 0: the step's
+    guidance_steps: int = 0  # guidance over the last this many steps only; 0: every step
 
     def __post_init__(self) -> None:
         if self.mask_schedule not in MASK_SCHEDULES:
@@ -51,6 +54,10 @@ class SamplingSettings:
             )
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.guidance_width < 0 or self.guidance_steps < 0:
+            raise ValueError(
+                f"guidance_width and guidance_steps must be >= 0 (0: off), got {self.guidance_width}, {self.guidance_steps}"
+            )
 
     @classmethod
     def from_config(cls, decode_cfg: Mapping[str, Any]) -> SamplingSettings:
@@ -60,6 +67,19 @@ class SamplingSettings:
     @property
     def guided(self) -> bool:
         return self.guidance_scale > 0
+
+    @property
+    def separate_unconditional(self) -> bool:
+        """Whether the unconditional branch runs as its own pass (its own width or steps) rather than batched with
+        the conditional rows."""
+        return self.guided and (self.guidance_width > 0 or self.guidance_steps > 0)
+
+    def guided_at(self, step: int, steps: int) -> bool:
+        return self.guided and (self.guidance_steps == 0 or step >= steps - self.guidance_steps)
+
+    def unconditional_width(self, width: int) -> int:
+        """The unconditional pass's width factor at a step of ``width``: the narrower of the two."""
+        return max(width, self.guidance_width)
 
     def sampling_temperature(self, step: int, steps: int) -> float:
         return self.temperature + self.temperature_anneal * (1 - (step + 1) / steps)
@@ -76,7 +96,7 @@ class DecodeResult:
 
     tokens: torch.Tensor
     widths: list[int]
-    work: list[StepWork]
+    work: list[StepWork]  # every pass's records, in order (a step may report several: token groups, guidance apart)
     history: torch.Tensor | None = None
     revealed: list[int] = field(default_factory=list)  # tokens revealed per step, per sample
 
@@ -98,6 +118,7 @@ def decode(
     null_class: int,
     generator: torch.Generator | None = None,
     keep_history: bool = False,
+    unconditional_logits: TokensToLogits | None = None,
 ) -> DecodeResult:
     """Reveal every ``mask_id`` entry of ``tokens`` ``[B, N]`` over ``len(width_per_step)`` steps.
 
@@ -107,7 +128,10 @@ def decode(
     confident, leaving ``decode_masked_counts`` masked. Tokens that are not
     ``mask_id`` (frame prediction, editing) stay as given. With guidance, the
     conditional and the unconditional (null class) rows run in one batch of
-    2B. ``generator`` makes the result reproducible.
+    2B; with ``guidance_width`` or ``guidance_steps`` set, the unconditional
+    rows run through ``unconditional_logits`` (a callable of its own, with its
+    own cache; its steps are numbered from its first call) at their width and
+    steps. ``generator`` makes the result reproducible.
     """
     steps = len(width_per_step)
     tokens = tokens.clone()
@@ -115,19 +139,33 @@ def decode(
     masked_per_row = (tokens == mask_id).sum(dim=1)
     if bool((masked_per_row != masked_per_row[0]).any()):
         raise ValueError(f"every row must start with the same number of masked tokens, got {masked_per_row.tolist()}")
+    separate = settings.separate_unconditional
+    if separate and unconditional_logits is None:
+        raise ValueError("guidance_width or guidance_steps runs the unconditional branch apart: pass unconditional_logits")
     masked_after = decode_masked_counts(int(masked_per_row[0]), steps, settings.mask_schedule)
-    if settings.guided:
-        labels = torch.cat([labels, torch.full_like(labels, null_class)])  # [2B]: conditional rows, then unconditional
+    null_labels = torch.full_like(labels, null_class)
+    if settings.guided and not separate:
+        labels = torch.cat([labels, null_labels])  # [2B]: conditional rows, then unconditional
     widths, work, history, revealed = [], [], [], []
+    unconditional_step = 0
     masked_now = int(masked_per_row[0])
     for step, width in enumerate(width_per_step):
-        rows = torch.cat([tokens, tokens]) if settings.guided else tokens  # [B or 2B, N]
+        rows = torch.cat([tokens, tokens]) if settings.guided and not separate else tokens  # [B or 2B, N]
         logits, step_work = tokens_to_logits(rows, labels, width, step)  # [rows, M, V]
         logits = logits.float()
-        if settings.guided:
+        work.extend(step_work if isinstance(step_work, list) else [step_work])
+        if settings.guided and not separate:
             conditional, unconditional = logits.chunk(2)  # 2 x [B, M, V]
             w = settings.guidance(step, steps)
             logits = (1 + w) * conditional - w * unconditional
+        elif separate and settings.guided_at(step, steps):
+            unconditional, unconditional_work = unconditional_logits(
+                tokens, null_labels, settings.unconditional_width(width), unconditional_step
+            )  # [B, M, V]
+            unconditional_step += 1
+            work.extend(unconditional_work if isinstance(unconditional_work, list) else [unconditional_work])
+            w = settings.guidance(step, steps)
+            logits = (1 + w) * logits - w * unconditional.float()
         log_probs = torch.log_softmax(logits / settings.sampling_temperature(step, steps), dim=-1)  # [B, M, V]
         sampled = (log_probs + gumbel_noise(log_probs.shape, generator, log_probs.device)).argmax(dim=-1)  # [B, M]
         reveal = masked_now - masked_after[step]
@@ -142,7 +180,6 @@ def decode(
         tokens.scatter_(1, masked_positions.gather(1, chosen), sampled.gather(1, chosen))
         masked_now = masked_after[step]
         widths.append(width)
-        work.append(step_work)
         revealed.append(reveal)
         if keep_history:
             history.append(tokens.clone())

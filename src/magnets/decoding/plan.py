@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 from magnets.masking import decode_masked_counts
 
-CACHE_MODES = ("none", "refresh_on_switch", "no_refresh", "refresh_every_n")
+CACHE_MODES = ("none", "refresh_on_switch", "no_refresh", "refresh_every_n")  # the modes a static plan covers
+# Cache modes only the eager policy callable runs (``magnets.decoding.policies``): a switch there is a "partial" step.
+POLICY_CACHE_MODES = ("refresh_from_layer",)
 
 
 @dataclass(frozen=True)
@@ -27,28 +29,32 @@ class StepWork:
     """What one decode step computed, per batch row: all the FLOPs formula needs."""
 
     width: int
-    kind: str  # "full" (uncached pass), "refresh" (full pass that rebuilds the cache) or "cached"
-    queries: int  # tokens run through every layer
+    kind: str  # "full" (uncached pass), "refresh" (full pass that rebuilds the cache), "cached" or "partial"
+    queries: int  # tokens run through the layers
     keys: int  # keys/values each query attends to
     head_positions: int  # positions where the output head runs (the masked ones)
     rows: int  # batch rows run: samples, twice that with classifier-free guidance
+    first_layer: int = 0  # the layers run are first_layer .. end_layer - 1 ...
+    end_layer: int = -1  # ... where -1 means through the last layer (a partial refresh runs two ranges)
 
 
 def check_cache_mode(mode: str, refresh_every: int = 1) -> None:
     """Raise, naming the valid values, on an unknown cache mode or a non-positive refresh period."""
-    if mode not in CACHE_MODES:
-        raise ValueError(f"unknown cache mode {mode!r}; valid: {list(CACHE_MODES)}")
+    if mode not in CACHE_MODES + POLICY_CACHE_MODES:
+        raise ValueError(f"unknown cache mode {mode!r}; valid: {list(CACHE_MODES + POLICY_CACHE_MODES)}")
     if mode == "refresh_every_n" and refresh_every < 1:
         raise ValueError(f"refresh_every must be a positive number of steps, got {refresh_every}")
 
 
 def step_kind(mode: str, step: int, width: int, previous_width: int | None, steps_since_refresh: int, refresh_every: int) -> str:
-    """``full``, ``refresh`` or ``cached``: what a step of cache ``mode`` runs (the one home of this rule)."""
+    """``full``, ``refresh``, ``partial`` or ``cached``: what a step of cache ``mode`` runs (the one home of this rule)."""
     if mode == "none":
         return "full"
     if step == 0:
         return "refresh"
     switched = width != previous_width
+    if mode == "refresh_from_layer" and switched:
+        return "partial"
     if mode == "refresh_on_switch" and switched:
         return "refresh"
     if mode == "refresh_every_n" and (switched or steps_since_refresh >= refresh_every):
@@ -135,6 +141,8 @@ def plan_decode(
     the first step: a refresh caches them, a cached step never runs them.
     """
     check_cache_mode(cache, refresh_every)
+    if cache in POLICY_CACHE_MODES:
+        raise ValueError(f"cache mode {cache!r} has no static plan (it runs eagerly); planned modes: {list(CACHE_MODES)}")
     num_masked = num_tokens if num_masked is None else num_masked
     if not 1 <= num_masked <= num_tokens:
         raise ValueError(f"num_masked must lie in [1, {num_tokens}], got {num_masked}")

@@ -78,16 +78,37 @@ def steps_from_cuts(total_steps: int, *cuts: int) -> list[int]:
     return [b - a for a, b in zip(points[:-1], points[1:], strict=True)]
 
 
-def searched_schedule_name(total_steps: int, *cuts: int) -> str:
-    """``search_<k_8>-<k_4>-<k_2>-<k_1>``: the name of a searched schedule, from its steps."""
-    return "search_" + "-".join(map(str, steps_from_cuts(total_steps, *cuts)))
+# The orders the schedule search tries (``schedule.order``): the widths its steps per width run in.
+SCHEDULE_ORDERS: dict[str, tuple[int, ...]] = {
+    "up": (8, 4, 2, 1),  # scale up: MaGNeTS' order
+    "down": (1, 2, 4, 8),  # large -> small
+    "sandwich": (8, 2, 1, 4),  # small -> large -> small
+}
+
+
+def schedule_order(order: str) -> list[int]:
+    """The widths of a search ``order`` (one of :data:`SCHEDULE_ORDERS`)."""
+    if order not in SCHEDULE_ORDERS:
+        raise ValueError(f"unknown schedule order {order!r}; valid: {list(SCHEDULE_ORDERS)}")
+    return list(SCHEDULE_ORDERS[order])
+
+
+def searched_schedule_name(total_steps: int, *cuts: int, order: str = "up") -> str:
+    """``search_<k_8>-<k_4>-<k_2>-<k_1>`` (scale up) or ``search_<order>_<steps per width>``: a searched schedule's name."""
+    steps = "-".join(map(str, steps_from_cuts(total_steps, *cuts)))
+    return f"search_{steps}" if order == "up" else f"search_{order}_{steps}"
 
 
 # conf/schedule/search.yaml computes its steps and name from its cut points with these.
 OmegaConf.register_new_resolver(
     "magnets_steps_from_cuts", lambda total_steps, *cuts: OmegaConf.create(steps_from_cuts(total_steps, *cuts)), replace=True
 )  # a ListConfig: a config resolved in place holds no plain lists
-OmegaConf.register_new_resolver("magnets_searched_schedule_name", searched_schedule_name, replace=True)
+OmegaConf.register_new_resolver(
+    "magnets_searched_schedule_name",
+    lambda order, total_steps, *cuts: searched_schedule_name(total_steps, *cuts, order=order),
+    replace=True,
+)
+OmegaConf.register_new_resolver("magnets_schedule_order", lambda order: OmegaConf.create(schedule_order(order)), replace=True)
 
 
 def load_schedule(schedule: str | Mapping[str, Any]) -> ModelSchedule:

@@ -132,18 +132,38 @@ class Block(nn.Module):
         keys/values are written after the cached entries of ``layer`` and they
         attend to the cache and to each other.
         """
-        b, n, d = x.shape
-        q, k, v = read_stream(self.qkv, layer_norm(self.norm1, x)).chunk(3, dim=-1)  # 3 x [B, Q, D]
+        return self.forward_groups([x], cache, layer)[0]
+
+    def forward_groups(self, streams: list[torch.Tensor], cache: KVCache | None = None, layer: int = 0) -> list[torch.Tensor]:
+        """One pass over token groups of different widths: ``[B, Q_g, d_g]`` each -> the same shapes.
+
+        Each group's LayerNorms and projections use its own ``d_g`` channels;
+        their queries, keys and values all have the full attention width, so
+        the groups attend jointly, in the order listed (group 0's tokens first
+        in the pass, then group 1's, ...). One group is :meth:`forward`.
+        """
+        b = streams[0].shape[0]
+        qkv = [read_stream(self.qkv, layer_norm(self.norm1, x)) for x in streams]  # [B, Q_g, 3D] each
+        qkv = qkv[0] if len(qkv) == 1 else torch.cat(qkv, dim=1)  # [B, Q, 3D]
+        n = qkv.shape[1]
+        q, k, v = qkv.chunk(3, dim=-1)  # 3 x [B, Q, D]
         q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))  # [B, H, Q, D/H]
         if cache is not None:
             k, v = cache.extend(layer, k, v)  # [B, H, cached + Q, D/H]
         attn = F.scaled_dot_product_attention(q, k, v)
         attn = attn.transpose(1, 2).reshape(b, n, -1)  # [B, Q, D]
-        x = x + write_stream(self.attn_out, attn, d)
-        hidden = read_stream(self.mlp_in, layer_norm(self.norm2, x))  # [B, Q, mlp_dim] at every width
-        # Without autograd, GELU in place: at small widths allocating another [B, Q, mlp_dim] costs as much as the product.
-        hidden = F.gelu(hidden) if torch.is_grad_enabled() else torch.ops.aten.gelu_(hidden)
-        return x + write_stream(self.mlp_out, hidden, d)
+        outputs, start = [], 0
+        for x in streams:
+            count, d = x.shape[1], x.shape[2]
+            group_attn = attn if len(streams) == 1 else attn[:, start : start + count]  # [B, Q_g, D]
+            x = x + write_stream(self.attn_out, group_attn, d)
+            hidden = read_stream(self.mlp_in, layer_norm(self.norm2, x))  # [B, Q_g, mlp_dim] at every width
+            # Without autograd, GELU in place: at small widths allocating another [B, Q, mlp_dim] costs as much as
+            # the product.
+            hidden = F.gelu(hidden) if torch.is_grad_enabled() else torch.ops.aten.gelu_(hidden)
+            outputs.append(x + write_stream(self.mlp_out, hidden, d))
+            start += count
+        return outputs
 
 
 class NestedTransformer(nn.Module):
@@ -199,6 +219,19 @@ class NestedTransformer(nn.Module):
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer)
         return x
+
+    def run_layers(
+        self, streams: list[torch.Tensor], layers: range, cache: KVCache | None = None
+    ) -> list[torch.Tensor]:
+        """Token groups of any widths (``[B, Q_g, d_g]`` each) through the blocks in ``layers``, in one pass each.
+
+        With every layer and one group of embedded tokens this is :meth:`hidden`;
+        the decode policies of ``magnets.decoding.policies`` run groups of
+        different widths together and stop or start at a layer.
+        """
+        for layer in layers:
+            streams = self.blocks[layer].forward_groups(streams, cache, layer)
+        return streams
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, Q, V]`` from a final residual stream ``[B, Q, d]`` of any width."""
