@@ -307,7 +307,8 @@ def test_narrow_unconditional_pass_and_last_steps_guidance_count_their_flops():
 def test_guidance_apart_needs_its_callable():
     model = make_model(depth=1)
     with pytest.raises(ValueError, match="unconditional_logits"):
-        run_policy(model, [1, 1], build_tokens_to_logits(model, "none"), settings=SamplingSettings(guidance_scale=1.0, guidance_steps=1))
+        settings = SamplingSettings(guidance_scale=1.0, guidance_steps=1)
+        run_policy(model, [1, 1], build_tokens_to_logits(model, "none"), settings=settings)
 
 
 # --- FLOPs of routed decodes against the counter ---------------------------------------------------------------------

@@ -87,7 +87,8 @@ def check_decode(decode: Mapping[str, Any], key: str = "decode") -> None:
             raise ConfigError(f"{key}.{name}", value, "an integer >= 0 (0: off)")
     policy = decode["route"] != "none" or decode["cache"] in POLICY_CACHE_MODES
     if policy and (decode["fast"] or decode["compile"]):
-        raise ConfigError(f"{key}.fast", decode["fast"], "false with a decode policy (route or refresh_from_layer): they run eagerly")
+        valid = "false with a decode policy (route or refresh_from_layer): they run eagerly"
+        raise ConfigError(f"{key}.fast" if decode["fast"] else f"{key}.compile", True, valid)
     if decode["route"] != "none" and decode["cache"] in POLICY_CACHE_MODES:
         raise ConfigError(f"{key}.route", decode["route"], "none with cache refresh_from_layer (they do not combine)")
 

@@ -70,6 +70,7 @@ from tqdm import tqdm
 from magnets.cli import check_choice, check_evaluate_config, check_policy_fits, check_positive_int, run_entry
 from magnets.data.shards import TokenDataset
 from magnets.decoding.loop import DECODE_DTYPES, SamplingSettings
+from magnets.decoding.policies import policy_label, policy_slug, route_settings
 from magnets.decoding.schedules import load_schedule
 from magnets.errors import ConfigError
 from magnets.evaluation import (
@@ -100,15 +101,14 @@ from magnets.metrics.extractors import (
 )
 from magnets.metrics.fid import FeatureExtractor, FeatureStats
 from magnets.metrics.reconstruction import reconstruction_fid, rfid_cache_path
-from magnets.decoding.policies import policy_label, policy_slug, route_settings
 from magnets.runs import resolve_checkpoint, shard_dir, tokenizer_of_run
 from magnets.task import Task
 
 log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = (
-    "experiment", "checkpoint", "distill", "task", "schedule", "widths", "steps_per_width", "cache", "guidance", "policy", "steps",
-    "samples", "extractor", "reference", "seed", "aggregate", "n_seeds", "fid", "fvd", "rfid", "inception_score",
+    "experiment", "checkpoint", "distill", "task", "schedule", "widths", "steps_per_width", "cache", "guidance", "policy",
+    "steps", "samples", "extractor", "reference", "seed", "aggregate", "n_seeds", "fid", "fvd", "rfid", "inception_score",
     "inception_score_std", "class_acc", "gflops_per_sample", "seconds", "git_commit", "grid",
 )  # fmt: skip
 """A row per seed (``seed`` its seed, ``aggregate`` empty, ``n_seeds`` 1); with several seeds two more, ``aggregate``

@@ -30,9 +30,9 @@ from magnets.data.shards import TokenDataset
 from magnets.decoding.flops import decode_flops_per_sample
 from magnets.decoding.loop import DECODE_DTYPES, SamplingSettings
 from magnets.decoding.plan import plan_decode
+from magnets.decoding.policies import policy_label, policy_slug, route_settings
 from magnets.decoding.schedules import load_schedule
 from magnets.errors import ConfigError
-from magnets.decoding.policies import policy_label, policy_slug, route_settings
 from magnets.evaluation import DecodeConditions, decode_conditions, generate_samples
 from magnets.files import atomic_write
 from magnets.lit.maskgit import load_maskgit

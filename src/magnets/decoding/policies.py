@@ -224,9 +224,7 @@ class PolicyLogits:
         logits = model.head_logits(gather_rows(stream, masked_positions))
         return logits, [StepWork(width, kind, n, n, masked_positions.shape[1], b)]
 
-    def _layers(
-        self, streams: list[torch.Tensor], cache: KVCache | None, keep: torch.Tensor | None
-    ) -> list[torch.Tensor]:
+    def _layers(self, streams: list[torch.Tensor], cache: KVCache | None, keep: torch.Tensor | None) -> list[torch.Tensor]:
         """Every layer over the groups; with ``keep`` (grid positions ``[B, R]`` of the pass's first R tokens, which
         join the cache) ``refresh_from_layer`` stores their stream entering its layer."""
         depth = self.model.cfg.depth

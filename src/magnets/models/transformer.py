@@ -220,9 +220,7 @@ class NestedTransformer(nn.Module):
             x = block(x, cache, layer)
         return x
 
-    def run_layers(
-        self, streams: list[torch.Tensor], layers: range, cache: KVCache | None = None
-    ) -> list[torch.Tensor]:
+    def run_layers(self, streams: list[torch.Tensor], layers: range, cache: KVCache | None = None) -> list[torch.Tensor]:
         """Token groups of any widths (``[B, Q_g, d_g]`` each) through the blocks in ``layers``, in one pass each.
 
         With every layer and one group of embedded tokens this is :meth:`hidden`;
