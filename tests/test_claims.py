@@ -231,3 +231,52 @@ def test_search_places_each_searched_schedule_against_the_shipped_front(tmp_path
     pd.DataFrame(rows[:9]).to_csv(results, index=False)  # no searched rows: no search table
     (tmp_path / "search_inception_offline.csv").unlink()
     assert main([str(results)]) == 0 and not (tmp_path / "search_inception_offline.csv").exists()
+
+
+def test_policies_table_places_each_policy_against_the_static_front(tmp_path) -> None:
+    """Routing on a static schedule, a guided decode and a sandwich order are policies; the plain ones form the front."""
+    rows = [
+        *three_seeds("maskgit_3", "refresh_on_switch", 18.0, gflops_per_sample=0.33, widths="1"),
+        *three_seeds("maskgit_4", "refresh_on_switch", 17.0, gflops_per_sample=0.42, widths="1"),
+        # maskgit_4 routed: cheaper than maskgit_4, better than maskgit_3 (the best static as cheap) by 0.6 > 2 SE
+        *three_seeds(
+            "maskgit_4", "refresh_on_switch", 17.4, gflops_per_sample=0.36, widths="1", policy="route=confidence:8:0.5"
+        ),  # fmt: skip
+        # guided with the unconditional pass narrow: 0.40 GFLOPs, 17.1 against maskgit_3's 18.0: below as well
+        *three_seeds(
+            "maskgit_4", "refresh_on_switch", 17.1, gflops_per_sample=0.40, widths="1", guidance=1.0, policy="guidance_width=8"
+        ),  # fmt: skip
+        # a sandwich at 0.42 GFLOPs, 17.05 against maskgit_4's 17.0: on the front
+        *three_seeds(
+            "sandwich_111", "refresh_on_switch", 17.05, gflops_per_sample=0.42, widths="4-1-2", steps_per_width="1-1-1"
+        ),  # fmt: skip
+        # a scale-up nested schedule: not a policy, absent from the table
+        *three_seeds("magnets_3333", "refresh_on_switch", 20.0, gflops_per_sample=0.49, widths="8-4-2-1"),
+    ]
+    from magnets.claims import policies_table
+
+    table = policies_table(pd.DataFrame(rows))
+    by_label = {(r["schedule"], r["policy"], r["guidance"]): r for _, r in table.iterrows()}
+    assert set(by_label) == {
+        ("maskgit_4", "route=confidence:8:0.5", 0.0), ("maskgit_4", "guidance_width=8", 1.0), ("sandwich_111", "", 0.0)
+    }  # fmt: skip
+    routed = by_label[("maskgit_4", "route=confidence:8:0.5", 0.0)]
+    assert routed["best_static"] == "maskgit_3/refresh_on_switch"
+    assert routed["difference"] == pytest.approx(-0.6) and routed["position"] == "below"
+    assert by_label[("maskgit_4", "guidance_width=8", 1.0)]["position"] == "below"
+    sandwich = by_label[("sandwich_111", "", 0.0)]
+    assert sandwich["best_static"] == "maskgit_4/refresh_on_switch" and sandwich["position"] == "on"
+    # The routed static schedule is not a static point: maskgit_4's front value stays the plain one.
+    assert table["best_static_mean"].max() == pytest.approx(18.0)
+    # The CLI writes the fifth table.
+    results = tmp_path / "results.csv"
+    pd.DataFrame(rows).to_csv(results, index=False)
+    assert main([str(results)]) == 0
+    written = pd.read_csv(tmp_path / "policies_inception_offline.csv")
+    assert len(written) == 3 and set(written["position"]) == {"below", "on"}
+
+
+def test_results_without_a_policy_column_read_as_plain_decodes() -> None:
+    rows = pd.DataFrame([*three_seeds("maskgit_12", "none", 10.0), *three_seeds("magnets_3333", "refresh_on_switch", 10.5)])
+    table = front_table(rows.drop(columns=["policy"]))
+    assert list(table["schedule"]) == ["magnets_3333"] and table["policy"].tolist() == [""]

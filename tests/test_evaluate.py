@@ -90,3 +90,30 @@ def test_evaluate_decodes_in_bfloat16_and_runs_without_a_classifier(tiny_cfg, tm
     assert len(folders) == 2  # the dtype is part of what determines the samples
     dtypes = {json.loads((folder / "settings.json").read_text())["dtype"] for folder in folders}
     assert dtypes == {"float32", "bfloat16"}
+
+
+def test_decode_policies_run_from_hydra_and_are_named_in_the_row(tiny_cfg, tmp_path):
+    """decode_policy=<file> sets a schedule and a policy: its row says which, its GFLOPs are its own; bad values refused."""
+    train(tiny_cfg)
+    runs = tiny_cfg.paths.runs
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        base = [f"paths.runs={runs}", "samples=20", "batch_size=10", "reference.count=40", "extractor=fmnist_classifier",
+                f"classifier={tiny_cfg.classifier.path}", "rfid=false"]  # fmt: skip
+        plain = evaluate(compose("evaluate", overrides=[*base, "schedule=maskgit_4"]))
+        routed = evaluate(compose("evaluate", overrides=[*base, "decode_policy=route_confidence_4_m8"]))
+        guided = evaluate(compose("evaluate", overrides=[*base, "decode_policy=guided_4_narrow"]))
+        partial = evaluate(compose("evaluate", overrides=[*base, "decode_policy=partial_3333_top2", "decode.refresh_layer=1"]))
+        with pytest.raises(ConfigError, match=r"decode.fast=True is not valid; valid: false with a decode policy"):
+            check_evaluate_config(compose("evaluate", overrides=[*base, "decode_policy=route_context_4_m8", "decode.fast=true"]))
+        with pytest.raises(ConfigError, match=r"decode.refresh_layer=9 is not valid; valid: a layer in 0..2"):
+            evaluate(compose("evaluate", overrides=[*base, "decode_policy=partial_3333_top2", "decode.refresh_layer=9"]))
+    with open(f"{runs}/fmnist/results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["schedule"], r["cache"], r["policy"], r["guidance"]) for r in rows] == [
+        ("maskgit_4", "refresh_on_switch", "", "0.0"),
+        ("maskgit_4", "refresh_on_switch", "route=confidence:8:0.5", "0.0"),
+        ("maskgit_4", "refresh_on_switch", "guidance_width=8", "1.0"),
+        ("magnets_3333", "refresh_from_layer", "refresh_layer=1", "0.0"),
+    ]
+    assert routed["gflops_per_sample"] < plain["gflops_per_sample"] < guided["gflops_per_sample"] < 2 * plain["gflops_per_sample"]
+    assert partial["fid"] > 0 and "route-confidence-8-0.5" in rows[1]["grid"]

@@ -18,7 +18,7 @@ from conftest import REPO
 
 NOTEBOOKS = REPO / "notebooks"
 NOTEBOOK = NOTEBOOKS / "ablations.ipynb"
-FIGURES = ["quality_vs_gflops.png", "cache_ablation.png", "sample_grids.png", "frame_strips.png"]
+FIGURES = ["quality_vs_gflops.png", "cache_ablation.png", "decode_policies.png", "sample_grids.png", "frame_strips.png"]
 TABLES = ["pareto_front.csv", "cache_ablation.csv", "distill_ablation.csv", "schedule_ablation.csv"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COLUMNS = [
@@ -31,6 +31,7 @@ COLUMNS = [
     "steps_per_width",
     "cache",
     "guidance",
+    "policy",
     "steps",
     "samples",
     "extractor",
@@ -42,7 +43,7 @@ COLUMNS = [
     "git_commit",
     "grid",
 ]
-OLD_COLUMNS = [c for c in COLUMNS if c not in ("task", "fvd")]  # the first format: images only
+OLD_COLUMNS = [c for c in COLUMNS if c not in ("task", "fvd", "policy")]  # the first format: images only
 FID_DOMAIN = "FID-domain (classifier features)"
 FVD_DOMAIN = "FVD-domain (not comparable to published FVD)"
 
@@ -59,6 +60,7 @@ LAYOUT = {  # schedule: (widths, steps_per_width, K)
     "maskgit_8": ("1", "8", 8),
     "magnets_2222": ("8-4-2-1", "2-2-2-2", 8),
 }
+POLICY_LAYOUT = {"maskgit_3": ("1", "3", 3), "maskgit_4": ("1", "4", 4), "sandwich_111": ("4-1-2", "1-1-1", 3)}
 # (checkpoint, schedule, cache, extractor, fid or fvd, class_acc, gflops, grid); file order, one configuration twice.
 ROWS_P = [
     (CKPT_P, "maskgit_12", "refresh_on_switch", "fmnist_classifier", 20.0, 0.90, 10.0, "samples/maskgit_12.png"),
@@ -122,14 +124,15 @@ def write_results(
     task: str = "class_cond",
     distance: str = "fid",
     columns: list[str] = COLUMNS,
+    guidance: float = 2.0,
 ) -> Path:
     """A results.csv in the format of `python -m magnets.evaluate` (or an older one), tiny PNG grids for the rows in GRIDS."""
     folder.mkdir(parents=True)
     with open(folder / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
-        for checkpoint, schedule, cache, extractor, value, acc, gflops, grid in rows:
-            widths, steps_per_width, steps = LAYOUT[schedule]
+        for checkpoint, schedule, cache, extractor, value, acc, gflops, grid, *policy in rows:
+            widths, steps_per_width, steps = (LAYOUT | POLICY_LAYOUT)[schedule]
             row = {
                 "experiment": experiment,
                 "checkpoint": checkpoint,
@@ -139,7 +142,8 @@ def write_results(
                 "widths": widths,
                 "steps_per_width": steps_per_width,
                 "cache": cache,
-                "guidance": 2.0,
+                "guidance": guidance,
+                "policy": policy[0] if policy else "",
                 "steps": steps,
                 "samples": 100,
                 "extractor": extractor,
@@ -153,7 +157,7 @@ def write_results(
             }
             writer.writerow([row[c] for c in columns])
     for grid, shape in GRIDS.items():
-        if any(row[-1] == grid for row in rows):
+        if any(row[7] == grid for row in rows):
             (folder / grid).parent.mkdir(exist_ok=True)
             imsave(folder / grid, np.random.default_rng(0).random(shape), cmap="gray")
     return folder / "results.csv"
@@ -250,7 +254,7 @@ def test_first_format_loads(executed) -> None:
     """A results.csv without task and fvd is read as class_cond images, with a note; its rows join their panels."""
     notebook, figures, old = executed
     stdout = "".join(outputs(notebook, "stdout"))
-    assert f"note: {old} has the first format (no task, fvd): read with task=class_cond, fvd empty" in stdout
+    assert f"note: {old} has the first format (no task, policy, fvd): read with task=class_cond, policy=, fvd empty" in stdout
     assert stdout.count("has the first format") == 1
     schedules = pd.read_csv(figures / "schedule_ablation.csv")
     rows = schedules[schedules.checkpoint == CKPT_N]
@@ -411,7 +415,7 @@ def seed_rows(label: str, fids: list[float], gflops: float, extractor: str, guid
     widths, steps_per_width, steps = LAYOUT[schedule]
     shared = {"experiment": "fmnist", "checkpoint": CKPT_P, "distill": "progressive", "task": "class_cond",
               "schedule": schedule, "widths": widths, "steps_per_width": steps_per_width, "cache": cache,
-              "guidance": guidance, "steps": steps, "samples": 100, "extractor": extractor, "reference": "test-100",
+              "guidance": guidance, "policy": "", "steps": steps, "samples": 100, "extractor": extractor, "reference": "test-100",
               "aggregate": "", "n_seeds": 1, "fvd": "", "rfid": 5.0, "inception_score": "", "inception_score_std": "",
               "class_acc": 0.5, "gflops_per_sample": gflops, "git_commit": "0123abc"}  # fmt: skip
     rows = [shared | {"seed": seed, "fid": fid, "seconds": 1.0 + seed, "grid": ""} for seed, fid in enumerate(fids)]
@@ -545,3 +549,33 @@ def test_schedule_search_section_places_the_trials_against_the_shipped_front(tmp
     assert table.loc["search_0-0-0-3", "best_shipped"] == "magnets_2222/refresh_on_switch"
     assert table["position"].to_dict() == {"search_6-2-2-2": "above", "search_0-0-0-3": "below", "search_2-2-4-4": "below"}
     assert table.loc["search_0-0-0-3", "n"] == 3 and table.loc["search_0-0-0-3", "difference"] == pytest.approx(-2.5)
+
+
+def test_policies_section_places_each_policy_against_the_static_front(tmp_path: Path) -> None:
+    """Static maskgit points at guidance 0 and three seeds each; a routed maskgit_4 below them, a sandwich above."""
+    runs = tmp_path / "runs"
+    rows = []
+    for seed_offset in (-0.2, 0.0, 0.2):
+        rows += [
+            (CKPT_P, "maskgit_3", "refresh_on_switch", "fmnist_classifier", 18.0 + seed_offset, 0.9, 0.33, ""),
+            (CKPT_P, "maskgit_4", "refresh_on_switch", "fmnist_classifier", 17.0 + seed_offset, 0.9, 0.42, ""),
+            (CKPT_P, "maskgit_4", "refresh_on_switch", "fmnist_classifier", 16.5 + seed_offset, 0.9, 0.36, "",
+             "route=confidence:8:0.5"),
+            (CKPT_P, "sandwich_111", "refresh_on_switch", "fmnist_classifier", 19.0 + seed_offset, 0.9, 0.40, ""),
+        ]  # fmt: skip
+    results = write_results(runs / "fmnist" / "2025-01-01_00-00-00", rows, "progressive", guidance=0.0)
+    frame = pd.read_csv(results)
+    frame["seed"] = [i // 4 for i in range(len(frame))]
+    frame["n_seeds"] = 1
+    frame.to_csv(results, index=False)
+    figures = tmp_path / "figures"
+    notebook = execute(runs, figures, tmp_path)
+    assert (figures / "decode_policies.png").read_bytes().startswith(PNG_MAGIC)
+    table = pd.read_csv(figures / "policies_fmnist_fmnist_classifier.csv")
+    by_schedule = {(r.schedule, "" if pd.isna(r.policy) else r.policy): r for r in table.itertuples()}
+    routed = by_schedule[("maskgit_4", "route=confidence:8:0.5")]
+    assert routed.best_static == "maskgit_3/refresh_on_switch" and routed.position == "below"
+    assert routed.difference == pytest.approx(-1.5)
+    assert by_schedule[("sandwich_111", "")].position == "above"
+    stdout = "".join(outputs(notebook, "stdout"))
+    assert "position against the static front: {'below': 1, 'above': 1}" in stdout

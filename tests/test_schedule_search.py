@@ -49,11 +49,28 @@ def test_the_optuna_preset_runs_two_trials_of_evaluate_on_the_tiny_run(tiny_cfg,
     with open(runs / "fmnist" / "results.csv", newline="") as f:
         rows = [row for row in csv.DictReader(f) if not row.get("aggregate")]
     assert len(rows) == 2 and all(row["schedule"].startswith("search_") for row in rows)
+    orders = {"8-4-2-1": "", "1-2-4-8": "down_", "8-2-1-4": "sandwich_"}  # the order is searched too
     for row in rows:
         steps = [int(k) for k in row["steps_per_width"].split("-")]
         assert sum(steps) in (3, 4) and row["steps"] == str(sum(steps))
-        assert row["schedule"] == "search_" + "-".join(map(str, steps))
+        assert row["schedule"] == "search_" + orders[row["widths"]] + "-".join(map(str, steps))
     front = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert front["name"] == "optuna" and front["solutions"]  # Optuna's Pareto front of (FID, GFLOPs)
     objectives = {(round(float(r["fid"]), 3), round(float(r["gflops_per_sample"]), 5)) for r in rows}
     assert {(round(s["values"][0], 3), round(s["values"][1], 5)) for s in front["solutions"]} <= objectives
+
+
+def test_search_orders_name_their_widths():
+    from omegaconf import OmegaConf
+
+    from magnets.decoding.schedules import SCHEDULE_DIR, load_schedule, schedule_order, searched_schedule_name
+
+    assert searched_schedule_name(3, 0, 1, 2) == "search_0-1-1-1"
+    assert searched_schedule_name(3, 0, 1, 2, order="down") == "search_down_0-1-1-1"
+    template = OmegaConf.load(SCHEDULE_DIR / "search.yaml")
+    template.merge_with({"order": "sandwich", "total_steps": 4, "cut_1": 1, "cut_2": 1, "cut_3": 2})
+    schedule = load_schedule(OmegaConf.to_container(template, resolve=True))
+    assert (schedule.name, schedule.widths, schedule.steps) == ("search_sandwich_1-0-1-2", (8, 2, 1, 4), (1, 0, 1, 2))
+    assert schedule.width_per_step([8, 4, 2, 1]) == [8, 1, 4, 4]
+    with pytest.raises(ValueError, match=r"unknown schedule order 'zigzag'; valid: \['up', 'down', 'sandwich'\]"):
+        schedule_order("zigzag")

@@ -27,7 +27,9 @@ distance of that width alone (``m{p}_12``, ``maskgit_12`` at full width; uncache
 nested model, the nested model on ground truth only and the single-width model trained alone; then ``magnets_3333``
 cached for the two nested models. Where the results hold the schedule search's trials (``search_*``, ``make sweep
 SWEEP=schedule_search``), ``search_<extractor>.csv`` (a fourth table) places each against the shipped schedules' front
-in the same way: ``below`` or ``on`` it is a searched schedule beyond or on that front.
+in the same way: ``below`` or ``on`` it is a searched schedule beyond or on that front. Where they hold decode
+policies (``policy`` column: routing, partial refresh, guidance apart; or the sandwich and scale-down orders, ``make
+sweep SWEEP=policies``), ``policies_<extractor>.csv`` (a fifth table) places each against the static front.
 
 A comparison *holds* when the difference has the claimed sign and exceeds two standard errors of the difference
 (``sqrt(s1^2/n1 + s2^2/n2)``, the seeds' sample standard deviations), *fails* when it exceeds them with the other sign
@@ -54,21 +56,29 @@ GFLOPS_RATIO = 2.5
 """Claim (a): the baseline's GFLOPs per sample over the candidate's must be at least this."""
 SIGNIFICANCE_SE = 2.0
 """A difference is resolved when it exceeds this many standard errors."""
-CONFIG_COLUMNS = ["distill", "schedule", "cache", "guidance"]
+CONFIG_COLUMNS = ["distill", "schedule", "cache", "guidance", "policy"]
 """What names one configuration of a results file, beside its extractor and sample count."""
 
 
 @dataclass(frozen=True)
 class Config:
-    """One decode configuration of one model: the results rows' ``schedule``, ``cache`` and ``distill``."""
+    """One decode configuration of one model: the results rows' ``schedule``, ``cache``, ``distill``, ``policy`` and
+    ``guidance``."""
 
     schedule: str
     cache: str
     distill: str = "progressive"
+    policy: str = ""
+    guidance: float = 0.0
 
     def label(self) -> str:
         distill = {"progressive": "", "none": " (no distillation)", "single": " (single width)"}.get(self.distill, "")
-        return f"{self.schedule}/{self.cache}{distill}"
+        return config_label(self.schedule, self.cache, self.policy, self.guidance) + distill
+
+
+def config_label(schedule: str, cache: str, policy: str = "", guidance: float = 0.0) -> str:
+    """``schedule/cache``, then ``/policy`` and ``/w=guidance`` where set."""
+    return f"{schedule}/{cache}" + (f"/{policy}" if policy else "") + (f"/w={guidance:g}" if guidance else "")
 
 
 @dataclass(frozen=True)
@@ -129,6 +139,8 @@ def seed_rows(results: pd.DataFrame, extractor: str, samples: int | None) -> pd.
     if rows.empty:
         raise ValueError(f"no {extractor} rows of {samples} samples; counts present: {sorted(results['samples'].unique())}")
     rows["distance"] = rows["fid"].where(rows["fid"].notna(), rows["fvd"])
+    # Results written before decode policies existed have no policy column: every row is a plain decode.
+    rows["policy"] = rows["policy"].fillna("").astype(str) if "policy" in rows else ""
     rows["order"] = range(len(rows))
     return rows.drop_duplicates([*CONFIG_COLUMNS, "checkpoint", "seed"], keep="last")
 
@@ -148,7 +160,8 @@ def measure(rows: pd.DataFrame, config: Config, width: int | None = None) -> Mea
         (rows["schedule"] == config.schedule)
         & (rows["cache"] == config.cache)
         & (rows["distill"] == config.distill)
-        & (rows["guidance"].astype(float) == 0.0)
+        & (rows["guidance"].astype(float) == config.guidance)
+        & (rows["policy"] == config.policy)
     ]
     if match.empty:
         return None
@@ -242,19 +255,27 @@ def is_static(widths: str, steps_per_width: str = "") -> bool:
     return "-" not in widths
 
 
-def configurations(rows: pd.DataFrame, distill: str = "progressive") -> pd.DataFrame:
-    """Every schedule and cache mode of the ``distill`` model at guidance 0 in ``rows`` (of :func:`seed_rows`): its
-    ``widths``, whether it is ``static`` (:func:`is_static`), and the :class:`Measured` fields over its seeds."""
+CONFIGURATION_COLUMNS = ["schedule", "cache", "policy", "guidance", "widths", "static", "mean", "std", "n", "gflops"]
+
+
+def configurations(rows: pd.DataFrame, distill: str = "progressive", guided: bool = False) -> pd.DataFrame:
+    """Every schedule, cache mode and decode policy of the ``distill`` model in ``rows`` (of :func:`seed_rows`), at
+    guidance 0 (``guided``: at every guidance): its ``widths``, whether it is ``static`` (:func:`is_static`, one width
+    for every step, no policy, no guidance), and the :class:`Measured` fields over its seeds."""
     table = []
-    for (schedule, cache), group in rows[rows["distill"] == distill].groupby(["schedule", "cache"]):
-        measured = measure(rows, Config(str(schedule), str(cache), distill))
-        if measured is None:  # only rows at another guidance
-            continue
+    model_rows = rows[rows["distill"] == distill]
+    if not guided:
+        model_rows = model_rows[model_rows["guidance"].astype(float) == 0.0]
+    for (schedule, cache, policy, guidance), group in model_rows.groupby(["schedule", "cache", "policy", "guidance"]):
+        config = Config(str(schedule), str(cache), distill, str(policy), float(guidance))
+        measured = measure(rows, config)
         widths = str(group["widths"].iloc[-1])
         steps = str(group["steps_per_width"].iloc[-1]) if "steps_per_width" in group else ""
-        table.append({"schedule": schedule, "cache": cache, "widths": widths, "static": is_static(widths, steps),
-                      "mean": measured.mean, "std": measured.std, "n": measured.n, "gflops": measured.gflops})  # fmt: skip
-    return pd.DataFrame(table, columns=["schedule", "cache", "widths", "static", "mean", "std", "n", "gflops"])
+        static = is_static(widths, steps) and not policy and float(guidance) == 0.0
+        table.append({"schedule": schedule, "cache": cache, "policy": policy, "guidance": float(guidance),
+                      "widths": widths, "static": static, "mean": measured.mean, "std": measured.std, "n": measured.n,
+                      "gflops": measured.gflops})  # fmt: skip
+    return pd.DataFrame(table, columns=CONFIGURATION_COLUMNS)
 
 
 def against_front(candidates: pd.DataFrame, front: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -267,8 +288,9 @@ def against_front(candidates: pd.DataFrame, front: pd.DataFrame, name: str) -> p
                     f"best_{name}_std": math.nan}  # fmt: skip
     table = []
     for _, candidate in candidates.sort_values("gflops").iterrows():
-        row = {"schedule": candidate["schedule"], "cache": candidate["cache"], "gflops": candidate["gflops"],
-               "mean": candidate["mean"], "std": candidate["std"], "n": candidate["n"]}  # fmt: skip
+        row = {"schedule": candidate["schedule"], "cache": candidate["cache"], "policy": candidate["policy"],
+               "guidance": candidate["guidance"], "gflops": candidate["gflops"], "mean": candidate["mean"],
+               "std": candidate["std"], "n": candidate["n"]}  # fmt: skip
         cheaper = front[front["gflops"] <= candidate["gflops"]]
         if cheaper.empty:
             table.append(row | best_columns | {"difference": math.nan, "two_se": math.nan, "position": "cheapest"})
@@ -280,10 +302,12 @@ def against_front(candidates: pd.DataFrame, front: pd.DataFrame, name: str) -> p
             position = "below" if difference < 0 else "above"
         else:
             position = "below" if difference < -two_se else "above" if difference > two_se else "on"
-        table.append(row | {f"best_{name}": f"{best['schedule']}/{best['cache']}", f"best_{name}_gflops": best["gflops"],
+        best_label = config_label(best["schedule"], best["cache"], best["policy"], best["guidance"])
+        table.append(row | {f"best_{name}": best_label, f"best_{name}_gflops": best["gflops"],
                             f"best_{name}_mean": best["mean"], f"best_{name}_std": best["std"], "difference": difference,
                             "two_se": two_se, "position": position})  # fmt: skip
-    columns = ["schedule", "cache", "gflops", "mean", "std", "n", *best_columns, "difference", "two_se", "position"]
+    columns = ["schedule", "cache", "policy", "guidance", "gflops", "mean", "std", "n", *best_columns, "difference",
+               "two_se", "position"]  # fmt: skip
     return pd.DataFrame(table, columns=columns)
 
 
@@ -292,6 +316,22 @@ def front_table(results: pd.DataFrame, extractor: str = "inception_offline", sam
     configuration (one width for every step) of at most its GFLOPs, as ``best_static``."""
     configs = configurations(seed_rows(results, extractor, samples))
     return against_front(configs[~configs["static"]], configs[configs["static"]], "static")
+
+
+def is_scale_up(widths: str) -> bool:
+    """Whether a schedule's widths ("8-4-2-1") run smallest first and never narrow again: MaGNeTS' order."""
+    factors = [int(float(w)) for w in widths.split("-") if w.strip()]
+    return all(a > b for a, b in zip(factors, factors[1:], strict=False))
+
+
+def policies_table(results: pd.DataFrame, extractor: str = "inception_offline", samples: int | None = None) -> pd.DataFrame:
+    """Each decode policy beyond the paper's (a ``policy`` — routing, partial refresh, guidance apart — or a schedule
+    order other than scale-up: sandwich, scale-down) against the static front (:func:`against_front`), guided rows
+    included: ``below`` answers whether a policy puts a nested decode beyond the best static configuration as cheap."""
+    configs = configurations(seed_rows(results, extractor, samples), guided=True)
+    order = ~configs["widths"].astype(str).map(is_scale_up) & ~configs["static"]
+    candidates = configs[(configs["policy"] != "") | (configs["guidance"] > 0) | order]
+    return against_front(candidates, configs[configs["static"]], "static")
 
 
 SEARCHED_PREFIX = "search_"
@@ -386,7 +426,8 @@ def front_markdown(front: pd.DataFrame, extractor: str, candidates: str = "neste
             two_se = "one seed: by sign" if math.isnan(row["two_se"]) else f"{row['two_se']:.2f}"
             difference = f"{row['difference']:+.2f} ({two_se})"
         lines.append(
-            f"| {row['schedule']}/{row['cache']} | {row['gflops']:.3f} | {spread(row['mean'], row['std'])} ({row['n']}) "
+            f"| {config_label(row['schedule'], row['cache'], row['policy'], row['guidance'])} | {row['gflops']:.3f} "
+            f"| {spread(row['mean'], row['std'])} ({row['n']}) "
             f"| {best} | {difference} | **{row['position']}** |"
         )
     below = int((front["position"] == "below").sum())  # against_front always has the column, rows or none
@@ -440,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     front = front_table(results, args.extractor, args.samples)
     distillation = distillation_table(results, args.extractor, args.samples)
     search = search_table(results, args.extractor, args.samples)
+    policies = policies_table(results, args.extractor, args.samples)
     claims_csv = args.results.with_name(f"claims_{args.extractor}.csv")
     front_csv = args.results.with_name(f"front_{args.extractor}.csv")
     distillation_csv = args.results.with_name(f"distillation_{args.extractor}.csv")
@@ -455,6 +497,11 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write(search_csv, lambda tmp: search.to_csv(tmp, index=False))
         sections.append(front_markdown(search, args.extractor, candidates="searched", reference="shipped"))
         written.append(search_csv.name)
+    if not policies.empty:  # decode policies ran at this extractor and sample count
+        policies_csv = args.results.with_name(f"policies_{args.extractor}.csv")
+        atomic_write(policies_csv, lambda tmp: policies.to_csv(tmp, index=False))
+        sections.append(front_markdown(policies, args.extractor, candidates="policy", reference="static"))
+        written.append(policies_csv.name)
     markdown = "\n".join(sections)
     atomic_write_text(claims_md, markdown)
     print(markdown, end="")
