@@ -371,3 +371,24 @@ def test_shipped_orders_run_their_widths_in_the_named_order():
     for name in down:
         widths = load_schedule(name).width_per_step(WIDTHS)
         assert widths == sorted(widths) and widths[0] < widths[-1], f"{name}: not large -> small: {widths}"
+
+
+def test_confidence_routing_runs_at_least_the_tokens_a_step_reveals_wide():
+    """With the decode's K known, a step keeps its reveal count wide: the last step (it reveals every token) is plain."""
+    model = make_model(depth=2, dtype=torch.float64)
+    schedule = [1, 1, 1, 1]
+    route = RouteSettings("confidence", width=8, fraction=0.1)
+    policy = PolicyLogits(model, "refresh_on_switch", route=route, steps=len(schedule))
+    widths_seen = []
+
+    def spy(tokens, labels, width, step):
+        out = policy(tokens, labels, width, step)
+        widths_seen.append([(g.width, g.head_count) for g in policy.groups])
+        return out
+
+    result, _ = run_policy(model, schedule, spy, batch=2)
+    masked_before = [GRID - sum(result.revealed[:k]) for k in range(len(schedule))]
+    for step in range(1, len(schedule)):
+        wide = sum(count for width, count in widths_seen[step] if width == 1)
+        assert wide == max(math.ceil(0.1 * masked_before[step]), result.revealed[step])
+    assert widths_seen[-1] == [(1, masked_before[-1])]  # the last step: every token wide, one group

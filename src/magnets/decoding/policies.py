@@ -9,7 +9,9 @@ for these policies:
 - **routing** (``RouteSettings``): which tokens of a pass run narrower than
   the step's width. ``confidence``: the masked tokens the previous step was
   least sure of (its largest log-probability per position) run at
-  ``route_width``, the ``fraction`` most confident ones at the step's width.
+  ``route_width``; the ``fraction`` most confident ones, and never fewer than
+  the step will reveal (so the last step runs every token wide), at the
+  step's width.
   ``context``: the revealed tokens a pass runs (all of them in a full or a
   refresh pass; the ones revealed at the previous step in a cached pass)
   run at ``route_width``, the masked ones at the step's width.
@@ -40,6 +42,7 @@ import torch
 from magnets.decoding.cache import KVCache, build_tokens_to_logits, gather_rows, positions_where
 from magnets.decoding.loop import SamplingSettings, TokensToLogits
 from magnets.decoding.plan import POLICY_CACHE_MODES, StepWork, check_cache_mode, step_kind
+from magnets.masking import decode_masked_counts
 from magnets.models.transformer import NestedTransformer
 
 ROUTES = ("none", "confidence", "context")
@@ -51,7 +54,8 @@ class RouteSettings:
 
     route: str = "none"  # none | confidence | context
     width: int = 8  # the narrow width factor; a step never runs a token wider than its own width
-    fraction: float = 0.5  # confidence: the share of masked tokens kept at the step's width (rounded up)
+    fraction: float = 0.5  # confidence: the share of masked tokens kept at the step's width (rounded up; at least the
+    # tokens the step reveals, when the callable knows the decode's steps)
 
     def __post_init__(self) -> None:
         if self.route not in ROUTES:
@@ -102,8 +106,10 @@ class PolicyLogits:
 
     ``cache``: any mode of ``CACHE_MODES`` or ``refresh_from_layer`` (with
     ``refresh_layer`` in ``[0, depth]``). Routing and partial refresh do not
-    combine. Returns the logits at the masked positions in ascending order, as
-    every tokens-to-logits callable does, and a list of :class:`StepWork`.
+    combine. ``steps`` and ``mask_schedule`` (the decode's K and mask schedule)
+    give confidence routing each step's reveal count, its floor of wide tokens.
+    Returns the logits at the masked positions in ascending order, as every
+    tokens-to-logits callable does, and a list of :class:`StepWork`.
     """
 
     def __init__(
@@ -113,6 +119,8 @@ class PolicyLogits:
         refresh_every: int = 2,
         refresh_layer: int = 0,
         route: RouteSettings | None = None,
+        steps: int | None = None,
+        mask_schedule: str = "cosine",
     ) -> None:
         check_cache_mode(cache, refresh_every)
         self.route = route or RouteSettings()
@@ -133,14 +141,22 @@ class PolicyLogits:
         self.scores: torch.Tensor | None = None  # [B, N]: the last step's largest log-probability per masked position
         self.stream_at_layer: torch.Tensor | None = None  # [B, N, D]: refresh_from_layer's stream entering that layer
         self.groups: list[TokenGroup] = []  # the last pass's token groups, in pass order (for inspection)
+        self.steps, self.mask_schedule = steps, mask_schedule
+        self.reveals: list[int] = []  # tokens each step reveals, known at step 0 when ``steps`` is given
 
     def __call__(self, tokens: torch.Tensor, labels: torch.Tensor, width: int, step: int) -> tuple[torch.Tensor, list[StepWork]]:
         """Logits ``[B, M, V]`` at the masked positions of ``tokens`` ``[B, N]`` (ascending), and the step's work."""
         if step != self.next_step and step != 0:
             raise ValueError(f"policy decoding runs steps in order from 0: expected step 0 or {self.next_step}, got {step}")
+        masked = tokens == self.model.cfg.mask_id  # [B, N]
         if step == 0:
             self.scores = self.stream_at_layer = None
-        masked = tokens == self.model.cfg.mask_id  # [B, N]
+            if self.steps is not None:
+                masked_before = [
+                    int(masked[0].sum()),
+                    *decode_masked_counts(int(masked[0].sum()), self.steps, self.mask_schedule),
+                ]
+                self.reveals = [a - b for a, b in zip(masked_before, masked_before[1:], strict=False)]
         kind = step_kind(self.mode, step, width, self.previous_width, self.steps_since_refresh, self.refresh_every)
         if kind in ("cached", "partial") and self.previous_masked.shape != masked.shape:
             raise ValueError(f"the batch changed shape mid-decode: {tuple(self.previous_masked.shape)} -> {tuple(masked.shape)}")
@@ -152,7 +168,8 @@ class PolicyLogits:
         if kind == "partial":
             logits, work = self._partial(tokens, labels, width, masked, context, masked_positions)
         else:
-            groups = self.groups = merge_groups(self._route(width, context, masked_positions))
+            reveal = self.reveals[step] if step < len(self.reveals) else 0
+            groups = self.groups = merge_groups(self._route(width, context, masked_positions, reveal))
             logits, work = self._grouped(tokens, labels, kind, groups, masked_positions)
         if self.route.route == "confidence":
             best = torch.log_softmax(logits.float(), dim=-1).amax(dim=-1)  # [B, M]
@@ -162,13 +179,14 @@ class PolicyLogits:
         self.next_step = step + 1
         return logits, work
 
-    def _route(self, width: int, context: torch.Tensor, masked_positions: torch.Tensor) -> list[TokenGroup]:
-        """The pass's token groups in pass order: the revealed context first, then the masked tokens."""
+    def _route(self, width: int, context: torch.Tensor, masked_positions: torch.Tensor, reveal: int) -> list[TokenGroup]:
+        """The pass's token groups in pass order: the revealed context first, then the masked tokens (``reveal``: how
+        many of them the step reveals, the floor of the wide ones; 0 when unknown)."""
         narrow = narrower(width, self.route.width)
         context_width = narrow if self.route.route == "context" else width
         groups = [TokenGroup(context, context_width, head_from=context.shape[1])]
         m = masked_positions.shape[1]
-        keep = math.ceil(self.route.fraction * m)
+        keep = min(m, max(math.ceil(self.route.fraction * m), reveal))
         if self.route.route != "confidence" or self.scores is None or narrow == width or keep == m:
             return groups + [TokenGroup(masked_positions, width, head_from=0)]
         scores = self.scores.gather(1, masked_positions)  # [B, M]
@@ -303,7 +321,10 @@ def build_decode_callables(
             f"cache={cache!r}: set decode.fast=false decode.compile=false"
         )
     if policy:
-        conditional: TokensToLogits = PolicyLogits(model, cache, refresh_every, refresh_layer, route)
+        steps = None if width_per_step is None else len(width_per_step)
+        conditional: TokensToLogits = PolicyLogits(
+            model, cache, refresh_every, refresh_layer, route, steps=steps, mask_schedule=settings.mask_schedule
+        )
     else:
         conditional = build_tokens_to_logits(
             model, cache, refresh_every, compile=compile, fast=fast, width_per_step=width_per_step,
