@@ -8,7 +8,7 @@ ARGS ?=
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist
 
-.PHONY: help setup data train tokenize data-check sample evaluate sweep sweep-train claims test test-slow bench bench-train bench-policies gpu-check lint tb clean
+.PHONY: help setup data train tokenize data-check sample evaluate sweep sweep-train claims test test-slow bench bench-train bench-policies gpu-check lint tb docs docs-serve clean
 
 help:
 	@echo "make train [EXP=fmnist] [ARGS='hydra overrides']  set up, then train experiment EXP end to end"
@@ -19,6 +19,7 @@ help:
 	@echo "make evaluate | sweep [SWEEP=schedules|cache|guidance] | sweep-train SWEEP=distill  (results.csv, notebooks/ablations.ipynb)"
 	@echo "make claims [EXP=fmnist_paper]  the paper's claims with mean ± std and verdicts from runs/EXP/results.csv"
 	@echo "make data-check EXP=ucf101_b ARGS='data.root=DIR'  read every file of every split once; report counts and bad files"
+	@echo "make docs  build the documentation site into site/ (mkdocs build --strict);  make docs-serve  serve it locally"
 	@echo "make tokenize | test-slow | lint | tb | clean"
 
 setup: $(STAMP) data
@@ -106,6 +107,13 @@ lint: setup
 
 tb: setup
 	$(VENV)/bin/tensorboard --logdir runs
+
+# The documentation site (mkdocs.yml, docs/): strict, so a broken link or anchor fails the build.
+docs: setup
+	$(PY) -m mkdocs build --strict --site-dir site
+
+docs-serve: setup
+	$(PY) -m mkdocs serve
 
 # Removes the environment and caches; runs/ (trained models, shards) and data/ stay.
 clean:

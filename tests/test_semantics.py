@@ -1,7 +1,7 @@
 """Semantics the other tests leave loose: each test fails on one plausible wrong behaviour, named in its docstring.
 
 Decoding is tested through stub tokens-to-logits callables whose logits are chosen by hand, so each
-assertion follows from the algorithm of DESIGN.md §1 ("Sampling step") rather than from a trained model.
+assertion follows from the algorithm of docs/design.md ("Sampling step") rather than from a trained model.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def test_confidence_is_the_probability_of_the_sampled_token():
 
 
 def test_choice_noise_is_large_early_and_vanishes_towards_the_end():
-    """Catches a reversed or constant Gumbel choice-noise anneal (DESIGN: scaled by choice_temperature (1 - (k+1)/K)).
+    """Catches a reversed or constant Gumbel choice-noise anneal (docs/design.md: scaled by choice_temperature (1 - (k+1)/K)).
 
     Near-certain vs flat (log p = -log 1024) positions: at step 0 (noise scale 3.9) flat ones often win; at step
     K-2 (scale 0.56) never."""
@@ -235,7 +235,7 @@ R, C = "refresh", "cached"
     ],
 )
 def test_cache_modes_refresh_exactly_when_specified(mode, refresh_every, kinds):
-    """Catches a mode that refreshes more or less often than DESIGN says (first step; at a switch unless
+    """Catches a mode that refreshes more or less often than docs/design.md says (first step; at a switch unless
     no_refresh; refresh_every_n also after n steps without one), on a real decode of widths 8 8 4 4 4 1 1."""
     torch.manual_seed(0)
     cfg = TransformerConfig(codebook_size=8, grid=[16], num_classes=3, dim=16, depth=1, heads=1, mlp_dim=16, widths=[8, 4, 1])

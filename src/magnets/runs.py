@@ -1,6 +1,6 @@
 """Run-directory rules, in one home: stage paths, the newest checkpoint, resuming, saving the final state.
 
-Layout (DESIGN.md §3): ``<paths.runs>/<experiment>/<time>/{checkpoints,tensorboard,samples,metrics.json}``
+Layout (docs/design.md): ``<paths.runs>/<experiment>/<time>/{checkpoints,tensorboard,samples,metrics.json}``
 for the nested MaskGIT stage, ``<tokenizer.dir>/{tokenizer.ckpt,checkpoints,tensorboard,metrics.json}``
 for the tokenizer, and token shards in ``<tokenize.out_dir>/<split>``.
 """
