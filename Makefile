@@ -102,8 +102,11 @@ GPU_PYTHON ?= python3
 gpu-check:
 	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} HF_HUB_OFFLINE=1 $(GPU_PYTHON) -m magnets.gpu_check $(ARGS)
 
+# The quality gates CI runs before the tests: lint, format, types (non-strict mypy on src/, pyproject's [tool.mypy]).
 lint: setup
 	$(VENV)/bin/ruff check src tests notebooks
+	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/mypy
 
 tb: setup
 	$(VENV)/bin/tensorboard --logdir runs

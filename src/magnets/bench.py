@@ -36,7 +36,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 import torch
@@ -105,7 +105,7 @@ def synchronize(device: torch.device) -> None:
 def run_settings(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     """The bench config and what the numbers depend on: torch version, threads, device."""
     return {
-        **OmegaConf.to_container(cfg, resolve=True),
+        **cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True)),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -136,7 +136,7 @@ def shipped_tokenizer_config(name: str) -> Any:
     check_choice("geometry.tokenizer", name, shipped_tokenizers())
     raw = OmegaConf.load(TOKENIZER_DIR / f"{name}.yaml")
     try:
-        return tokenizer_config(raw.kind, OmegaConf.to_container(raw.model, resolve=True))
+        return tokenizer_config(raw.kind, cast(dict[str, Any], OmegaConf.to_container(raw.model, resolve=True)))
     except (ValueError, OmegaConfBaseException) as err:  # e.g. a model that interpolates the data config
         raise ConfigError("geometry.tokenizer", name, f"a tokenizer config whose model stands alone ({err})") from err
 
@@ -164,13 +164,14 @@ def bench_geometry(cfg: DictConfig) -> BenchGeometry:
         raise ConfigError("grid", None, "a token grid, e.g. [16,16], where geometry.tokenizer names no tokenizer config")
     codebook_size = cfg.codebook_size if cfg.codebook_size is not None else getattr(tokenizer, "codebook_size", None)
     check_positive_int("codebook_size", codebook_size)
+    assert codebook_size is not None  # checked positive above
     check_positive_int("num_classes", cfg.num_classes)
     given = None
     frame_pred, cond_frames = geometry.frame_pred, None
     if frame_pred is not None:
         check_choice("geometry.frame_pred.name", frame_pred.name, ["frame_pred"])
         cond_frames = frame_pred.cond_frames
-        if not hasattr(tokenizer, "latent_frames_of"):
+        if tokenizer is None or not hasattr(tokenizer, "latent_frames_of"):
             raise ConfigError("geometry.frame_pred", "frame_pred", "null: frame prediction needs a video tokenizer")
         try:
             latent_frames = tokenizer.latent_frames_of(cond_frames)
@@ -249,9 +250,9 @@ def bench_decode(cfg: DictConfig) -> dict[str, Any]:
         if (s, c, path, "") != baseline
     ]  # fmt: skip
     # Each decode policy (decode_bench.policies: decode-group overrides with a schedule) is one more configuration.
-    policy_decode = {"": cfg.decode}
+    policy_decode: dict[str, DictConfig] = {"": cfg.decode}
     for entry in bench.policies:
-        decode_cfg = OmegaConf.merge(cfg.decode, {k: v for k, v in entry.items() if k != "schedule"})
+        decode_cfg = cast(DictConfig, OmegaConf.merge(cfg.decode, {k: v for k, v in entry.items() if k != "schedule"}))
         label = policy_label(decode_cfg)
         policy_decode[label] = decode_cfg
         configurations.append((entry.schedule, decode_cfg.cache, "eager", label))
@@ -347,11 +348,12 @@ def train_step_seconds(
 ) -> float:
     """Wall time of one full training step; the forward under autocast to ``autocast_dtype`` if given (bf16-mixed)."""
     start = time.perf_counter()
-    mask = random_training_mask(*tokens.shape, device=tokens.device)
+    batch, length = tokens.shape
+    mask = random_training_mask(batch, length, device=tokens.device)
     inputs = tokens.masked_fill(mask, module.model.cfg.mask_id)
     with torch.autocast(tokens.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         losses = module.width_losses(inputs, tokens, mask, labels, alpha)
-    total = sum(loss for loss, _ in losses.values())
+    total = torch.stack([loss for loss, _ in losses.values()]).sum()
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()
@@ -484,7 +486,7 @@ def check_bench_config(cfg: DictConfig) -> None:
         unknown = sorted(set(entry) - {"schedule"} - set(cfg.decode))
         if unknown:
             raise ConfigError(f"{key}", unknown, f"keys of the decode group: {sorted(cfg.decode)}")
-        decode_cfg = OmegaConf.merge(cfg.decode, {k: v for k, v in entry.items() if k != "schedule"})
+        decode_cfg = cast(DictConfig, OmegaConf.merge(cfg.decode, {k: v for k, v in entry.items() if k != "schedule"}))
         check_decode(decode_cfg, key=key)
         check_policy_fits(decode_cfg, cfg.model.widths, MODEL_SIZES[cfg.model.size]["depth"], key=key)
     check_choice("train_bench.precision", cfg.train_bench.precision, list(TRAIN_PRECISIONS))

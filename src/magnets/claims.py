@@ -45,6 +45,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -220,7 +221,7 @@ def claims_table(results: pd.DataFrame, extractor: str = "inception_offline", sa
     for claim in CLAIMS:
         candidate = measure(rows, claim.candidate, claim.width)
         baseline = measure(rows, claim.baseline, claim.width)
-        row = {
+        row: dict[str, Any] = {
             "claim": claim.key,
             "statement": claim.statement,
             "candidate": claim.candidate.label(),
@@ -269,6 +270,8 @@ def configurations(rows: pd.DataFrame, distill: str = "progressive", guided: boo
     for (schedule, cache, policy, guidance), group in model_rows.groupby(["schedule", "cache", "policy", "guidance"]):
         config = Config(str(schedule), str(cache), distill, str(policy), float(guidance))
         measured = measure(rows, config)
+        if measured is None:  # every row of the group was written for another checkpoint's configuration
+            continue
         widths = str(group["widths"].iloc[-1])
         steps = str(group["steps_per_width"].iloc[-1]) if "steps_per_width" in group else ""
         static = is_static(widths, steps) and not policy and float(guidance) == 0.0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -153,7 +153,9 @@ def check_stages(stages: Iterable[str]) -> None:
 
 def check_task(cfg: DictConfig) -> None:
     """The ``task`` group fits the tokenizer (frame prediction needs clips and whole latent frames) and the model."""
-    task = build_task(cfg.task, cfg.tokenizer.kind, OmegaConf.to_container(cfg.tokenizer.model, resolve=True))
+    task = build_task(
+        cfg.task, cfg.tokenizer.kind, cast(dict[str, Any], OmegaConf.to_container(cfg.tokenizer.model, resolve=True))
+    )
     if task.use_class and task.name == "frame_pred" and cfg.data.num_classes < 2:
         raise ConfigError("task.use_class", True, f"false: {cfg.data.name} has no classes to condition on")
 

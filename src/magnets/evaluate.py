@@ -57,9 +57,9 @@ import logging
 import math
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 import numpy as np
@@ -101,6 +101,7 @@ from magnets.metrics.extractors import (
 )
 from magnets.metrics.fid import FeatureExtractor, FeatureStats
 from magnets.metrics.reconstruction import reconstruction_fid, rfid_cache_path
+from magnets.models.tokenizer import Tokenizer
 from magnets.runs import resolve_checkpoint, shard_dir, tokenizer_of_run
 from magnets.task import Task
 
@@ -261,7 +262,7 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def tokenizer_rfid(
-    tokenizer: torch.nn.Module,
+    tokenizer: Tokenizer,
     tokenizer_path: Path,
     data_cfg: dict[str, Any],
     extractor: FeatureExtractor,
@@ -323,12 +324,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.paths.runs, cfg.name)
     model, task, run_config = load_maskgit(checkpoint, device)
     model = model.to(DECODE_DTYPES[cfg.dtype])
-    schedule = load_schedule(OmegaConf.to_container(cfg.schedule, resolve=True))
+    schedule = load_schedule(cast(dict[str, Any], OmegaConf.to_container(cfg.schedule, resolve=True)))
     width_per_step = schedule.width_per_step(model.cfg.widths)
     check_policy_fits(cfg.decode, model.cfg.widths, model.cfg.depth)
     settings = SamplingSettings.from_config(cfg.decode)
     tokenizer_path = Path(cfg.tokenizer_checkpoint or tokenizer_of_run(run_config, checkpoint, cfg.paths.runs))
-    tokenizer = load_tokenizer(tokenizer_path, device)
+    tokenizer = cast(Tokenizer, load_tokenizer(tokenizer_path, device))
     classifier_path = run_classifier(run_config, cfg)
     # Class accuracy needs the run's classifier; a run without one (ImageNet) is measured with another extractor only.
     has_classifier = classifier_path.is_file() or cfg.extractor.name == "domain"
@@ -369,7 +370,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         with tqdm(total=cfg.samples, desc=f"{description} seed {seed}", unit=unit, dynamic_ncols=True) as bar:
             quality = measure_samples(
                 chunked_samples(chunks, generate, cfg.batch_size), model, extractor, reference,
-                classifier.logits if classifier is not None else None,
+                cast(Callable[[torch.Tensor], torch.Tensor], classifier.logits) if classifier is not None else None,
                 keep_images=2 * columns, progress=bar.update, is_splits=cfg.is_splits,
             )  # fmt: skip
         run_name = checkpoint.parent.parent.name

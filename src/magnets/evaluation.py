@@ -23,10 +23,10 @@ import json
 import logging
 import time
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -226,6 +226,7 @@ def measure_samples(
     features = FeatureAccumulator()
     work: list[StepWork] = []
     logits: list[torch.Tensor] | None = []
+    kept: list[torch.Tensor]
     correct, samples, kept = 0, 0, []
     for batch in batches:
         images, labels = batch.images, batch.labels
@@ -487,7 +488,7 @@ def reference_items(data_cfg: Mapping[str, Any], split: str, count: int, batch_s
 
     def items() -> DataLoader:
         dataset = build_datamodule(data_cfg).dataset(split)
-        subset = Subset(dataset, range(min(count, len(dataset))))
+        subset = Subset(dataset, range(min(count, len(cast(Sized, dataset)))))
         return DataLoader(subset, batch_size=batch_size, collate_fn=drop_unreadable)
 
     return items

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """``write(tmp_path)``, then rename ``tmp_path`` to ``path``; the temporary file is removed on failure.
 
     The temporary name keeps ``path``'s suffix, so writers that pick a format

@@ -96,7 +96,7 @@ def decode_records(cfg: DictConfig, geometry: str, batch_size: int) -> dict[str,
     }
 
 
-def median_seconds(run: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+def median_seconds(run: Callable[..., Any], device: torch.device, warmup: int, repeats: int) -> float:
     times = []
     for repeat in range(warmup + repeats):
         synchronize(device)

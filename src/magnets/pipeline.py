@@ -19,9 +19,9 @@ import io
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -60,7 +60,7 @@ from magnets.metrics.classifier import fit_classifier
 from magnets.metrics.extractors import CLASSIFIER_EXTRACTORS, EXTRACTORS, build_extractor, domain_classifier_features
 from magnets.metrics.fid import FeatureExtractor
 from magnets.metrics.reconstruction import reconstruction_fid, rfid_cache_path
-from magnets.models.tokenizer import PRETRAINED_KINDS, load_pretrained_tokenizer, num_tokens, tokenizer_config
+from magnets.models.tokenizer import PRETRAINED_KINDS, Tokenizer, load_pretrained_tokenizer, num_tokens, tokenizer_config
 from magnets.models.transformer import MODEL_SIZES
 from magnets.runs import (
     INTERRUPTED_NAME,
@@ -109,7 +109,7 @@ def build_logger(kind: str, out_dir: Path) -> TensorBoardLogger | CSVLogger:
 
 
 def stage_trainer(
-    cfg: DictConfig, out_dir: Path, stage_args: DictConfig, checkpoint_every: int, callbacks: list[L.Callback] = ()
+    cfg: DictConfig, out_dir: Path, stage_args: DictConfig, checkpoint_every: int, callbacks: Sequence[L.Callback] = ()
 ) -> L.Trainer:
     """A Trainer for one stage writing to ``out_dir``: ``checkpoints/``, ``tensorboard/``.
 
@@ -127,7 +127,7 @@ def stage_trainer(
             ModelCheckpoint(dirpath=checkpoint_dir(out_dir), save_last=True, save_top_k=0, every_n_train_steps=checkpoint_every),
             # Lightning deletes this one when a run ends normally: it exists only after a crash or Ctrl-C.
             OnExceptionCheckpoint(dirpath=checkpoint_dir(out_dir), filename=INTERRUPTED_NAME),
-            ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)),
+            ConfigInCheckpoint(cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))),
             TQDMProgressBar(refresh_rate=cfg.progress_refresh_rate),
             *callbacks,
         ],
@@ -171,7 +171,7 @@ def import_pretrained_tokenizer(cfg: DictConfig) -> Path:
     """
     final = tokenizer_final_checkpoint(cfg.tokenizer.dir)
     kind, weights = cfg.tokenizer.kind, cfg.tokenizer.get("weights")
-    model_cfg = OmegaConf.to_container(cfg.tokenizer.model, resolve=True)
+    model_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.tokenizer.model, resolve=True))
     if final.exists():
         check_tokenizer_matches(final, kind, model_cfg)
         saved = torch.load(final, map_location="cpu", weights_only=False)["hyper_parameters"].get("weights_sha256")
@@ -210,7 +210,7 @@ def fit_tokenizer(cfg: DictConfig) -> Path:
         return import_pretrained_tokenizer(cfg)
     tok_dir = Path(cfg.tokenizer.dir)
     final = tokenizer_final_checkpoint(tok_dir)
-    model_cfg = OmegaConf.to_container(cfg.tokenizer.model, resolve=True)
+    model_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.tokenizer.model, resolve=True))
     if final.exists():
         check_tokenizer_matches(final, cfg.tokenizer.kind, model_cfg)
         log.info("tokenizer %s exists; skipping its training", final)
@@ -221,7 +221,9 @@ def fit_tokenizer(cfg: DictConfig) -> Path:
     datamodule.prepare_data()
     datamodule.setup("fit")
     # Plain containers, so that checkpoints hold no OmegaConf objects.
-    optim, codebook = (OmegaConf.to_container(cfg.tokenizer[key], resolve=True) for key in ("optim", "codebook"))
+    optim, codebook = (
+        cast(dict[str, Any], OmegaConf.to_container(cfg.tokenizer[key], resolve=True)) for key in ("optim", "codebook")
+    )
     module = TokenizerModule(
         model=model_cfg,
         kind=cfg.tokenizer.kind,
@@ -271,7 +273,7 @@ def tokenizer_rfid_metrics(cfg: DictConfig, checkpoint: Path, device: torch.devi
         valid = "an extractor needing no file: inception_offline, inception_fidelity"
         raise ConfigError("tokenizer_eval.rfid_extractor", name, valid)
     extractor = build_extractor(name).to(device)
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    data_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.data, resolve=True))
     split, count, batch_size = options.rfid_split, options.rfid_count, options.batch_size
     cache_dir = Path(cfg.paths.runs, "fid_stats")
     reference = split_reference(data_cfg, split, count, None, extractor, cache_dir, batch_size)
@@ -281,7 +283,7 @@ def tokenizer_rfid_metrics(cfg: DictConfig, checkpoint: Path, device: torch.devi
     )
     tokenizer = load_tokenizer(checkpoint, device)
     items = reference_items(data_cfg, split, count, batch_size)
-    value = reconstruction_fid(tokenizer, items, extractor, reference, cache_path=cache_path)
+    value = reconstruction_fid(cast(Tokenizer, tokenizer), items, extractor, reference, cache_path=cache_path)
     return {"rfid": value, "rfid_extractor": name, "rfid_count": reference.count, "rfid_split": split}
 
 
@@ -297,7 +299,9 @@ def maskgit_model_config(cfg: DictConfig) -> dict[str, Any]:
     if cfg.model.size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {cfg.model.size!r}; valid: {list(MODEL_SIZES)}")
     # The tokenizer's config alone fixes its grid and codebook size: no network is built for them.
-    tokenizer = tokenizer_config(cfg.tokenizer.kind, OmegaConf.to_container(cfg.tokenizer.model, resolve=True))
+    tokenizer = tokenizer_config(
+        cfg.tokenizer.kind, cast(dict[str, Any], OmegaConf.to_container(cfg.tokenizer.model, resolve=True))
+    )
     return {
         **MODEL_SIZES[cfg.model.size],
         "widths": list(cfg.model.widths),
@@ -309,13 +313,14 @@ def maskgit_model_config(cfg: DictConfig) -> dict[str, Any]:
 
 def written_by_rank_zero(path: Path, write: Callable[[], None], what: str, poll_s: float = 5.0, timeout_s: float = 3600) -> Path:
     """Rank 0 calls ``write()``, which leaves ``path`` (atomically); every other process waits for the file."""
-    if rank_zero_only.rank == 0:
+    # mypy: Lightning sets rank_zero_only.rank at import time; its stubs do not declare the attribute.
+    if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
         write()
         return path
     deadline = time.monotonic() + timeout_s
     while not path.is_file():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {rank_zero_only.rank}: rank 0 wrote no {what} at {path}")
+            raise TimeoutError(f"rank {rank_zero_only.rank}: rank 0 wrote no {what} at {path}")  # type: ignore[attr-defined]
         time.sleep(poll_s)
     return path
 
@@ -380,7 +385,7 @@ def sampling_validation(cfg: DictConfig, tokenizer_ckpt: Path, classifier_path: 
     if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto"):
         extractor.to("cuda")  # the real split's features: the Inception over 50,000 images wants the GPU
     reference = split_reference(
-        OmegaConf.to_container(cfg.data, resolve=True), options.reference_split, options.reference_count,
+        cast(dict[str, Any], OmegaConf.to_container(cfg.data, resolve=True)), options.reference_split, options.reference_count,
         options.reference_npz, extractor, Path(cfg.paths.runs, "fid_stats"), options.batch_size,
     )  # fmt: skip
     task = experiment_task(cfg)
@@ -408,10 +413,12 @@ def sampling_validation(cfg: DictConfig, tokenizer_ckpt: Path, classifier_path: 
 
 def experiment_task(cfg: DictConfig) -> Task:
     """The experiment's :class:`Task` (``cfg.task``) for its tokenizer."""
-    return build_task(cfg.task, cfg.tokenizer.kind, OmegaConf.to_container(cfg.tokenizer.model, resolve=True))
+    return build_task(
+        cfg.task, cfg.tokenizer.kind, cast(dict[str, Any], OmegaConf.to_container(cfg.tokenizer.model, resolve=True))
+    )
 
 
-def fit_maskgit(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> dict[str, Any]:
+def fit_maskgit(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Train the nested MaskGIT transformer on the token shards.
 
     Returns the trained ``module``, its ``checkpoint`` path and held-out ``metrics``.
@@ -425,7 +432,7 @@ def fit_maskgit(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> dict
         alpha_decay_steps=max(1, round(cfg.distill.alpha_decay_fraction * max_steps)),
         seed=cfg.seed,
         task=experiment_task(cfg).as_dict(),
-        **OmegaConf.to_container(cfg.maskgit.module, resolve=True),
+        **cast(dict[str, Any], OmegaConf.to_container(cfg.maskgit.module, resolve=True)),
     )
     datamodule = TokenDataModule(
         cfg.tokenize.out_dir,

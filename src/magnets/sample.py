@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 import numpy as np
@@ -29,7 +29,7 @@ from magnets.cli import check_policy_fits, check_sample_config, run_entry
 from magnets.data.shards import TokenDataset
 from magnets.decoding.flops import decode_flops_per_sample
 from magnets.decoding.loop import DECODE_DTYPES, SamplingSettings
-from magnets.decoding.plan import plan_decode
+from magnets.decoding.plan import StepWork, plan_decode
 from magnets.decoding.policies import policy_label, policy_slug, route_settings
 from magnets.decoding.schedules import load_schedule
 from magnets.errors import ConfigError
@@ -38,6 +38,7 @@ from magnets.files import atomic_write
 from magnets.lit.maskgit import load_maskgit
 from magnets.lit.tokenizer import load_tokenizer
 from magnets.media import save_media
+from magnets.models.tokenizer import Tokenizer
 from magnets.runs import resolve_checkpoint, shard_dir, tokenizer_of_run
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,12 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     model, task, run_config = load_maskgit(checkpoint, device)
     model = model.to(DECODE_DTYPES[cfg.dtype])
     model_cfg = model.cfg
-    schedule = load_schedule(OmegaConf.to_container(cfg.schedule, resolve=True))
+    schedule = load_schedule(cast(dict[str, Any], OmegaConf.to_container(cfg.schedule, resolve=True)))
     width_per_step = schedule.width_per_step(model_cfg.widths)
     check_policy_fits(cfg.decode, model_cfg.widths, model_cfg.depth)
     settings = SamplingSettings.from_config(cfg.decode)
     tokenizer_path = cfg.tokenizer_checkpoint or tokenizer_of_run(run_config, checkpoint, cfg.paths.runs)
-    tokenizer = load_tokenizer(tokenizer_path, device)
+    tokenizer = cast(Tokenizer, load_tokenizer(tokenizer_path, device))
 
     classes = list(range(model_cfg.num_classes)) if cfg.classes is None else list(cfg.classes)
     bad = [c for c in classes if not 0 <= c < model_cfg.num_classes]
@@ -73,14 +74,16 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         cfg.batch_size, generator, compile=cfg.decode.compile, fast=cfg.decode.fast,
         refresh_layer=cfg.decode.refresh_layer, route=route_settings(cfg.decode),
     )  # fmt: skip
-    images, tokens, work = [], [], []
+    image_batches: list[torch.Tensor] = []
+    token_batches: list[torch.Tensor] = []
+    work: list[StepWork] = []
     with torch.inference_mode(), tqdm(total=len(conditions), desc=f"{schedule.name}/{cfg.decode.cache}", unit="sample") as bar:
         for batch in batches:
-            images.append(batch.images)
-            tokens.append(batch.tokens)
+            image_batches.append(batch.images)
+            token_batches.append(batch.tokens)
             work.extend(batch.work)
             bar.update(len(batch.labels))
-    images, tokens = torch.cat(images), torch.cat(tokens)  # [S, channels, ...], [S, N]
+    images, tokens = torch.cat(image_batches), torch.cat(token_batches)  # [S, channels, ...], [S, N]
     labels = conditions.labels
 
     gflops = decode_flops_per_sample(model_cfg, work, len(labels)) / 1e9
@@ -94,6 +97,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else checkpoint.parent.parent / "samples" / folder
     media_files = save_media(images, out_dir / "grid", nrow=cfg.samples_per_class)
     if task.given_tokens:  # the real clips the predictions started from, through the same tokenizer
+        assert conditions.real_tokens is not None  # frame prediction's conditions carry them
         with torch.inference_mode():
             real = tokenizer.decode(conditions.real_tokens.view(-1, *model_cfg.grid))
         media_files += save_media(real, out_dir / "real", nrow=cfg.samples_per_class)

@@ -23,7 +23,7 @@ group's ``name`` and built by :func:`build_datamodule` from its ``module``.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
@@ -62,6 +62,7 @@ class MediaLoaders(L.LightningDataModule):
 
     batch_size: int
     num_workers: int
+    media_info: Callable[[], dict[str, Any]]  # defined by every subclass (see MediaDataModule)
 
     def dataset(self, split: str, augment: bool | None = None) -> Dataset:
         raise NotImplementedError
@@ -121,7 +122,7 @@ DATAMODULES: dict[str, tuple[str, str]] = {
 }
 
 
-def build_datamodule(cfg: Mapping[str, Any]) -> MediaDataModule:
+def build_datamodule(cfg: Mapping[str, Any]) -> MediaLoaders:
     """The datamodule named by ``cfg['name']``, built from ``cfg['module']`` (the ``data`` config group)."""
     name = cfg["name"]
     if name not in DATAMODULES:

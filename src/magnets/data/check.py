@@ -87,7 +87,9 @@ def check_dataset(datamodule: VideoDataModule) -> dict[str, Any]:
     for split in SPLITS:
         entries = layout.entries(split)
         with ThreadPoolExecutor(max_workers=max(1, datamodule.scan_workers)) as pool:
-            results = pool.map(lambda e: check_file(e.path, datamodule.frames, datamodule.stride), entries)
+            results: Iterable[VideoProbe | str] = pool.map(
+                lambda e: check_file(e.path, datamodule.frames, datamodule.stride), entries
+            )
             results = list(tqdm(results, total=len(entries), desc=f"check {split}", unit="file", disable=None))
         good = [(entry, r) for entry, r in zip(entries, results, strict=True) if isinstance(r, VideoProbe)]
         bad = [

@@ -290,14 +290,16 @@ class ConcatenatedRows:
             if not 0 <= index < len(self):
                 raise IndexError(f"row {rows} is out of range for {len(self)} rows")
             part = int(np.searchsorted(self.offsets, index, side="right")) - 1
-            return self.parts[part][(index - int(self.offsets[part]), *rest)]
+            item = (index - int(self.offsets[part]), *rest)
+            return self.parts[part][item]
         if isinstance(rows, slice):
             start, stop, step = rows.indices(len(self))
             out = self._slice(start, stop) if step == 1 else self._take(np.arange(start, stop, step))
         else:
-            index = np.asarray(rows)
-            out = self._take(np.flatnonzero(index) if index.dtype == bool else index.astype(np.int64))
-        return out[(slice(None), *rest)] if rest else out
+            selector = np.asarray(rows)
+            out = self._take(np.flatnonzero(selector) if selector.dtype == bool else selector.astype(np.int64))
+        columns = (slice(None), *rest)
+        return out[columns] if rest else out
 
     def _slice(self, start: int, stop: int) -> np.ndarray:
         pieces = []

@@ -35,12 +35,12 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ from magnets.data.shards import ShardError, ShardMeta, read_shard_meta, shard_di
 from magnets.errors import ConfigError
 from magnets.files import atomic_write_json, file_sha256
 from magnets.lit.tokenizer import load_tokenizer
-from magnets.models.tokenizer import num_tokens
+from magnets.models.tokenizer import Tokenizer, num_tokens
 from magnets.runs import shard_dir
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class IndexedItems(Dataset):
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(cast(Sized, self.dataset))
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor, Any]:
         media, label = self.dataset[index]
@@ -191,6 +191,8 @@ def encode_batches(
     the same labels. ``describe(index)`` names each unreadable item.
     """
     device = next(tokenizer.parameters()).device
+    originals: list[np.ndarray]
+    mirrored: list[np.ndarray]
     originals, mirrored, labels, unreadable = [], [], [], []
     for indices, media, batch_labels in batches:
         batch_labels = torch.as_tensor(batch_labels, dtype=torch.int64)
@@ -200,10 +202,12 @@ def encode_batches(
             x = to_unit_float(media[readable].to(device, non_blocking=True))  # [b, C, H, W] or [b, C, T, H, W]
             views = [(originals, x)] + ([(mirrored, x.flip(-1))] if flip else [])
             for rows, view in views:
-                rows.append(tokenizer.encode(view).flatten(1).cpu().numpy().astype(np.uint16))  # [b, *grid] -> [b, N]
+                rows.append(
+                    cast(Tokenizer, tokenizer).encode(view).flatten(1).cpu().numpy().astype(np.uint16)  # [b, *grid] -> [b, N]
+                )
             labels.append(batch_labels[readable].numpy())
         progress(len(indices))
-    width = num_tokens(tokenizer.grid)
+    width = num_tokens(cast(Tokenizer, tokenizer).grid)
     tokens = np.concatenate(originals + mirrored) if originals else np.empty((0, width), np.uint16)  # [rows, N]
     label_rows = np.concatenate(labels * (2 if flip else 1)) if labels else np.empty(0, np.int64)  # [rows]
     return EncodedItems(tokens, label_rows, unreadable)
@@ -228,7 +232,7 @@ def encode_split(
     an error here (the row count is fixed in advance).
     """
     loader = DataLoader(IndexedItems(dataset), batch_size=batch_size, num_workers=num_workers)
-    with tqdm(total=len(dataset), desc=desc, unit="item", mininterval=2.0) as bar:
+    with tqdm(total=len(cast(Sized, dataset)), desc=desc, unit="item", mininterval=2.0) as bar:
         encoded = encode_batches(tokenizer, loader, flip, partial(describe_unreadable, dataset), bar.update)
     if len(encoded.tokens) != len(tokens_out):
         raise ShardError(
@@ -273,7 +277,9 @@ class SplitPlan:
         return self.directory / shard_name(index)
 
     def item_range(self, index: int) -> tuple[int, int]:
-        start, end = self.wanted[index].items
+        items = self.wanted[index].items
+        assert items is not None  # plan_split records every shard's items
+        start, end = items
         return start, end
 
     def missing(self) -> list[int]:
@@ -292,7 +298,7 @@ def plan_split(
 ) -> SplitPlan:
     """The shards of ``split``: ``max(1, ceil(N / items_per_shard))`` ranges of source items, each one shard."""
     dataset = datamodule.dataset(split, augment=False)  # the same item every time: reproducible shards
-    n = len(dataset)
+    n = len(cast(Sized, dataset))
     num_shards = max(1, math.ceil(n / items_per_shard))
     wanted = [
         replace(
@@ -328,6 +334,7 @@ def finish_split(plan: SplitPlan) -> bool:
         shutil.rmtree(leftover, ignore_errors=True)
     unreadable = [{**entry, "shard": meta.shard} for meta in metas for entry in meta.unreadable]
     first = metas[0]
+    assert first.split_items is not None  # plan_split records it
     report = {
         "dataset": first.dataset,
         "split": plan.split,
@@ -445,8 +452,8 @@ def tokenize_splits(
         dataset=dataset_name,
         split="",
         count=0,
-        grid=list(tokenizer.grid),
-        codebook_size=tokenizer.codebook_size,
+        grid=list(cast(Tokenizer, tokenizer).grid),
+        codebook_size=cast(Tokenizer, tokenizer).codebook_size,
         tokenizer_checkpoint=str(checkpoint),
         tokenizer_sha256=file_sha256(checkpoint),
         flip_augmented=False,

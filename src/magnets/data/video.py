@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import av
 import decord
@@ -243,6 +243,7 @@ class VideoLayout(Protocol):
 
     name: str
     root: Path
+    get_data: str
 
     def class_names(self) -> list[str]: ...
 
@@ -563,7 +564,7 @@ class VideoDataModule(MediaLoaders):
         for entry, probe in zip(entries, probes, strict=True):
             reason = probe if isinstance(probe, str) else too_short_reason(probe, self.frames, self.stride)
             if reason is None:
-                items.append((entry, probe))
+                items.append((entry, cast(VideoProbe, probe)))
             else:
                 skips.append({"file": str(entry.path), "reason": reason})
         report = self.report_path(split)

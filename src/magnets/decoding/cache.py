@@ -32,12 +32,16 @@ the eager callables reveal.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from magnets.decoding.graphs import CapturedStep
 from magnets.decoding.plan import DecodePlan, StepPlan, StepWork, check_cache_mode, plan_decode, step_kind
 from magnets.models.transformer import NestedTransformer
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
 
 
 def positions_where(mask: torch.Tensor) -> torch.Tensor:
@@ -92,6 +96,7 @@ class KVCache:
         self.refresh_positions = revealed_positions
 
     def end_refresh(self) -> None:
+        assert self.refresh_positions is not None
         self.length = self.refresh_positions.shape[1]
         self.refresh_positions = None
 
@@ -108,6 +113,7 @@ class KVCache:
         if self.keys is None or self.keys.shape[1:3] != (b, h) or self.keys.dtype != keys.dtype:
             shape = (self.depth, b, h, self.num_tokens, dh)
             self.keys, self.values = keys.new_empty(shape), values.new_empty(shape)
+        assert self.values is not None
         if self.refresh_positions is not None:
             r = self.refresh_positions.shape[1]
             index = self.refresh_positions[:, None, :, None].expand(b, h, r, dh)  # [B, H, R, D/H]
@@ -173,8 +179,12 @@ class CachedLogits:
             raise ValueError(f"cached decoding runs steps in order from 0: expected step 0 or {self.next_step}, got {step}")
         masked = tokens == self.model.cfg.mask_id  # [B, N]
         kind = step_kind(self.mode, step, width, self.previous_width, self.steps_since_refresh, self.refresh_every)
-        if kind == "cached" and self.previous_masked.shape != masked.shape:
-            raise ValueError(f"the batch changed shape mid-decode: {tuple(self.previous_masked.shape)} -> {tuple(masked.shape)}")
+        if kind == "cached":
+            assert self.previous_masked is not None
+            if self.previous_masked.shape != masked.shape:
+                raise ValueError(
+                    f"the batch changed shape mid-decode: {tuple(self.previous_masked.shape)} -> {tuple(masked.shape)}"
+                )
         logits, work = (self._refresh if kind == "refresh" else self._cached)(tokens, labels, width, masked)
         self.previous_masked, self.previous_width = masked, width
         self.steps_since_refresh = 1 if kind == "refresh" else self.steps_since_refresh + 1
@@ -197,6 +207,7 @@ class CachedLogits:
         self, tokens: torch.Tensor, labels: torch.Tensor, width: int, masked: torch.Tensor
     ) -> tuple[torch.Tensor, StepWork]:
         """Run the tokens revealed at the previous step, then the masked ones, against the cache."""
+        assert self.previous_masked is not None
         just_revealed = positions_where(self.previous_masked & ~masked)  # [B, R]
         masked_positions = positions_where(masked)  # [B, M]
         query_positions = torch.cat([just_revealed, masked_positions], dim=1)  # [B, R + M]
@@ -217,7 +228,7 @@ class PlannedState:
         self.plan = plan
         self.cache = KVCache(depth, plan.num_tokens)
         self.captured: dict[int, CapturedStep] = {}  # step -> its graph
-        self.pool: tuple | None = None
+        self.pool: _POOL_HANDLE | None = None
 
 
 class PlannedLogits:
@@ -264,11 +275,13 @@ class PlannedLogits:
             self.state = self.states[key]
         elif step != self.next_step:
             raise ValueError(f"planned decoding runs steps in order from 0: expected step 0 or {self.next_step}, got {step}")
+        assert self.state is not None
         planned = self.state.plan.steps[step] if step < len(self.state.plan.steps) else None
         if planned is None or planned.width != width:
             expected = None if planned is None else planned.width
             raise ValueError(f"step {step} runs width {width} but the plan has {expected}: {self.state.plan.width_per_step}")
         if planned.kind == "cached":
+            assert self.previous_masked is not None
             just_revealed = ascending_positions(self.previous_masked & ~masked, planned.just_revealed)  # [B, R]
             query_positions = torch.cat([just_revealed, ascending_positions(masked, planned.masked_before)], dim=1)
             inputs = (tokens.gather(1, query_positions), labels, query_positions)  # [B, R + M] each
@@ -281,6 +294,7 @@ class PlannedLogits:
 
     def _forward(self, planned: StepPlan) -> Callable[..., torch.Tensor]:
         """The step's computation over its inputs: the eager callables' model calls, with the plan's counts."""
+        assert self.state is not None
         cache, width, masked = self.state.cache, planned.width, planned.masked_before
 
         def full(tokens: torch.Tensor, labels: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -302,6 +316,7 @@ class PlannedLogits:
         if not (self.graphs and inputs[0].is_cuda):
             return self._forward(planned)(*inputs)
         state = self.state
+        assert state is not None
         if planned.step not in state.captured:
             state.captured[planned.step] = CapturedStep(self._forward(planned), inputs, state.pool)
             state.pool = state.pool or state.captured[planned.step].graph.pool()

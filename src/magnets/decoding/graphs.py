@@ -10,14 +10,18 @@ is safe because they always replay in the order they were captured.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
 
 
 class CapturedStep:
     """One step's forward captured into a CUDA graph over static inputs; calling it copies the inputs in and replays."""
 
-    def __init__(self, forward: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], pool: tuple | None) -> None:
+    def __init__(self, forward: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], pool: _POOL_HANDLE | None) -> None:
         self.inputs = [x.clone() for x in inputs]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

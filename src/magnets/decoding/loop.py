@@ -159,6 +159,7 @@ def decode(
             w = settings.guidance(step, steps)
             logits = (1 + w) * conditional - w * unconditional
         elif separate and settings.guided_at(step, steps):
+            assert unconditional_logits is not None
             unconditional, unconditional_work = unconditional_logits(
                 tokens, null_labels, settings.unconditional_width(width), unconditional_step
             )  # [B, M, V]

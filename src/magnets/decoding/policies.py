@@ -158,13 +158,14 @@ class PolicyLogits:
                 ]
                 self.reveals = [a - b for a, b in zip(masked_before, masked_before[1:], strict=False)]
         kind = step_kind(self.mode, step, width, self.previous_width, self.steps_since_refresh, self.refresh_every)
-        if kind in ("cached", "partial") and self.previous_masked.shape != masked.shape:
-            raise ValueError(f"the batch changed shape mid-decode: {tuple(self.previous_masked.shape)} -> {tuple(masked.shape)}")
+        previous_masked = masked if self.previous_masked is None else self.previous_masked  # None only at step 0
+        if kind in ("cached", "partial") and previous_masked.shape != masked.shape:
+            raise ValueError(f"the batch changed shape mid-decode: {tuple(previous_masked.shape)} -> {tuple(masked.shape)}")
         masked_positions = positions_where(masked)  # [B, M]
         if kind in ("full", "refresh"):
             context = positions_where(~masked)  # [B, R]: every revealed token
         else:
-            context = positions_where(self.previous_masked & ~masked)  # [B, R]: the ones revealed at the previous step
+            context = positions_where(previous_masked & ~masked)  # [B, R]: the ones revealed at the previous step
         if kind == "partial":
             logits, work = self._partial(tokens, labels, width, masked, context, masked_positions)
         else:
@@ -281,6 +282,7 @@ class PolicyLogits:
         if layer == 0:
             full = model.embed(tokens, labels, d)  # [B, N, d]: the embeddings need no stored stream
         else:
+            assert self.stream_at_layer is not None  # written by the refresh pass of step 0
             full = self.stream_at_layer[:, :, :d].clone()  # [B, N, d]
         full.scatter_(1, query_positions[:, :, None].expand(-1, -1, d), stream)
         self._keep_stream(torch.arange(n, device=tokens.device).expand(b, -1), full)

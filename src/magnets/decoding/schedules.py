@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import OmegaConf
 
@@ -117,7 +117,7 @@ def load_schedule(schedule: str | Mapping[str, Any]) -> ModelSchedule:
         path = SCHEDULE_DIR / f"{schedule}.yaml"
         if not path.is_file():
             raise ValueError(f"unknown schedule {schedule!r}; shipped: {shipped_schedules()}")
-        schedule = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        schedule = cast(Mapping[str, Any], OmegaConf.to_container(OmegaConf.load(path), resolve=True))
     missing = {"name", "widths", "steps"} - set(schedule)
     if missing:
         raise ValueError(f"a schedule needs name, widths and steps; {dict(schedule)} lacks {sorted(missing)}")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from magnets.errors import MismatchError, MissingFileError
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def read_checkpoint(path: str | Path, kind: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -28,7 +30,7 @@ def read_checkpoint(path: str | Path, kind: str, map_location: str | torch.devic
     return ckpt
 
 
-def load_model_weights(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> nn.Module:
+def load_model_weights(model: ModuleT, ckpt: dict[str, Any], path: str | Path) -> ModuleT:
     """Load the ``model.*`` entries of a LightningModule checkpoint's state dict into ``model``; eval mode."""
     prefix = "model."
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}

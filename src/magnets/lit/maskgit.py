@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.data import AttributeDict
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torchmetrics import MeanMetric
 
 from magnets.lit.checkpoints import load_model_weights, read_checkpoint
@@ -35,6 +38,9 @@ class NestedMaskGITModule(L.LightningModule):
     width): on a GPU it fuses the small widths' full-width elementwise work
     (bias + GELU, LayerNorm, residual adds) that dominates their time.
     """
+
+    hparams: AttributeDict  # what save_hyperparameters() stores (Lightning types the property more loosely)
+    forward_logits: Callable[..., torch.Tensor]  # set in __init__ with object.__setattr__: not a submodule
 
     def __init__(
         self,
@@ -75,7 +81,9 @@ class NestedMaskGITModule(L.LightningModule):
     def _mask(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked inputs ``[B, N]`` and the mask ``[B, N]`` (True = masked; never a given token)."""
         maskable = self.task.maskable(tokens.shape[1], tokens.device)
-        mask = random_training_mask(*tokens.shape, self.hparams.mask_schedule, generator, tokens.device, maskable)
+        # mypy: torch.Size unpacks to an unknown number of ints; tokens is [B, N].
+        batch, length = tokens.shape
+        mask = random_training_mask(batch, length, self.hparams.mask_schedule, generator, tokens.device, maskable)
         return tokens.masked_fill(mask, self.model.cfg.mask_id), mask
 
     def width_losses(
@@ -118,7 +126,7 @@ class NestedMaskGITModule(L.LightningModule):
         losses = self.width_losses(inputs, tokens, mask, labels, alpha, self.hparams.label_smoothing)
         for p, (loss, acc) in losses.items():
             self.log_dict({f"train/loss/p{p}": loss, f"train/acc/p{p}": acc})
-        total = sum(loss for loss, _ in losses.values())
+        total = cast(torch.Tensor, sum(loss for loss, _ in losses.values()))
         self.log("train/loss", total, prog_bar=True)
         if self.hparams.distill == "progressive":
             self.log("train/alpha", alpha)
@@ -139,17 +147,17 @@ class NestedMaskGITModule(L.LightningModule):
         labels = self.task.model_labels(labels, self.model.cfg.null_class)
         for p, (loss, acc) in self.width_losses(inputs, tokens, mask, labels, alpha=1.0).items():
             weight = int(mask.sum())
-            self.val_loss[f"p{p}"].update(loss, weight)
-            self.val_acc[f"p{p}"].update(acc, weight)
+            cast(MeanMetric, self.val_loss[f"p{p}"]).update(loss, weight)
+            cast(MeanMetric, self.val_acc[f"p{p}"]).update(acc, weight)
 
     def on_validation_epoch_end(self) -> None:
         for key in self.val_loss:
-            self.log(f"val/loss/{key}", self.val_loss[key].compute())
-            self.log(f"val/acc/{key}", self.val_acc[key].compute())
-            self.val_loss[key].reset()
-            self.val_acc[key].reset()
+            self.log(f"val/loss/{key}", cast(MeanMetric, self.val_loss[key]).compute())
+            self.log(f"val/acc/{key}", cast(MeanMetric, self.val_acc[key]).compute())
+            cast(MeanMetric, self.val_loss[key]).reset()
+            cast(MeanMetric, self.val_acc[key]).reset()
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         # Weight decay on the matrices of linear layers only: not on norms, biases or embeddings.
         decay = [m.weight for m in self.model.modules() if isinstance(m, torch.nn.Linear)]
         decay_ids = {id(p) for p in decay}

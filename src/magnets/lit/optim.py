@@ -7,7 +7,7 @@ import math
 import torch
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, final_ratio: float = 0.0):
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: float, final_ratio: float = 0.0):
     """Linear warmup over ``warmup_steps``, then cosine decay to ``final_ratio`` of the peak at ``total_steps``."""
 
     def factor(step: int) -> float:

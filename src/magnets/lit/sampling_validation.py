@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import lightning as L
 import torch
+from torch import nn
 
 from magnets.data.shards import TokenDataset
 from magnets.decoding.loop import SamplingSettings
@@ -17,6 +18,7 @@ from magnets.media import log_media
 from magnets.metrics.extractors import frechet_label, frechet_metric_name
 from magnets.metrics.fid import FeatureExtractor, FeatureStats
 from magnets.models.tokenizer import Tokenizer
+from magnets.models.transformer import NestedTransformer
 from magnets.task import Task
 
 
@@ -42,7 +44,7 @@ class SamplingValidation(L.Callback):
 
     def __init__(
         self,
-        tokenizer: Tokenizer,
+        tokenizer: nn.Module,
         extractor: FeatureExtractor,
         reference: FeatureStats,
         schedules: Sequence[str],
@@ -82,7 +84,7 @@ class SamplingValidation(L.Callback):
         self.validations += 1
         if self.validations % self.every_n or not trainer.is_global_zero:
             return
-        model, device = pl_module.model, pl_module.device
+        model, device = cast(NestedTransformer, pl_module.model), pl_module.device
         self.tokenizer.to(device)
         self.extractor.to(device)
         if self.classifier is not None:
@@ -93,7 +95,10 @@ class SamplingValidation(L.Callback):
         columns = grid_columns(self.task, classes)
         for schedule in self.schedules:
             width_per_step = schedule.width_per_step(model.cfg.widths)
-            classify = self.classifier.logits if self.classifier is not None else None
+            # The domain classifiers have a classification head: their logits are never None.
+            classify = (
+                cast(Callable[[torch.Tensor], torch.Tensor], self.classifier.logits) if self.classifier is not None else None
+            )
             quality = measure_samples(
                 self._generate(pl_module, conditions, width_per_step), model, self.extractor, self.reference,
                 classify, keep_images=2 * columns,
@@ -126,9 +131,9 @@ class SamplingValidation(L.Callback):
         # The transformer decodes in the precision it trains in (bf16-mixed: under bf16 autocast).
         autocast_dtype = torch.bfloat16 if "bf16" in str(pl_module.trainer.precision) else None
         return generate_samples(
-            pl_module.model, self.tokenizer, self.task, conditions, width_per_step, self.settings, self.cache,
-            self.refresh_every, self.batch_size, generator, compile=self.compile, autocast_dtype=autocast_dtype,
-            fast=self.fast,
+            cast(NestedTransformer, pl_module.model), cast(Tokenizer, self.tokenizer), self.task, conditions, width_per_step,
+            self.settings, self.cache, self.refresh_every, self.batch_size, generator, compile=self.compile,
+            autocast_dtype=autocast_dtype, fast=self.fast,
         )  # fmt: skip
 
     @staticmethod

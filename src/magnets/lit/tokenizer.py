@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanMetric
+from lightning.fabric.utilities.data import AttributeDict
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+from torchmetrics import MeanMetric, Metric
 
 from magnets.data.base import to_unit_float
 from magnets.lit.checkpoints import load_model_weights, read_checkpoint
@@ -36,6 +39,8 @@ class TokenizerModule(L.LightningModule):
     ``perplexity``.
     """
 
+    hparams: AttributeDict  # what save_hyperparameters() stores (Lightning types the property more loosely)
+
     def __init__(
         self,
         model: dict[str, Any],
@@ -52,7 +57,7 @@ class TokenizerModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model: TrainableTokenizer = build_tokenizer(kind, model)
+        self.model: TrainableTokenizer = cast(TrainableTokenizer, build_tokenizer(kind, model))
         codebook_size = self.model.codebook_size
         self.metrics = torch.nn.ModuleDict(
             {
@@ -80,7 +85,8 @@ class TokenizerModule(L.LightningModule):
         # The codebook may only change after the optimizer step: on_train_batch_end gets these.
         return {"loss": loss, "latents": latents.detach(), "counts": counts}
 
-    def on_train_batch_end(self, outputs: dict[str, torch.Tensor], batch: Any, batch_idx: int) -> None:
+    # mypy: outputs is training_step's dict; Lightning types the hook for any module's outputs.
+    def on_train_batch_end(self, outputs: dict[str, torch.Tensor], batch: Any, batch_idx: int) -> None:  # type: ignore[override]
         quantizer = self.model.quantizer
         if not isinstance(quantizer, VectorQuantizer):  # FSQ has no codebook to restart
             return
@@ -103,7 +109,7 @@ class TokenizerModule(L.LightningModule):
         media = to_unit_float(batch[0])
         recon, ids, _, _ = self.model(media)
         recon = recon.clamp(0, 1)
-        metrics = self.metrics[split]
+        metrics = cast(Mapping[str, Metric], self.metrics[split])
         metrics["recon_loss"].update(F.mse_loss(recon, media))
         psnr = psnr_per_item(self._crop(recon), self._crop(media))
         metrics["psnr"].update(psnr, weight=torch.ones_like(psnr))
@@ -112,7 +118,7 @@ class TokenizerModule(L.LightningModule):
             self._log_reconstructions(split, media, recon)
 
     def _log_epoch(self, split: str) -> None:
-        metrics = self.metrics[split]
+        metrics = cast(Mapping[str, Metric], self.metrics[split])
         usage, perplexity = metrics["usage"].compute()
         self.log_dict(
             {
@@ -149,7 +155,7 @@ class TokenizerModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         optimizer = torch.optim.AdamW(
             self.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay
         )

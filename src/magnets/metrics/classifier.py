@@ -113,7 +113,7 @@ def build_model(arch: str, arch_kwargs: dict[str, Any], in_chans: int, num_class
     """An untrained classifier: one of :data:`VIDEO_ARCHS` (clips) or a timm model name (images)."""
     if arch in VIDEO_ARCHS:
         return VIDEO_ARCHS[arch](in_chans=in_chans, num_classes=num_classes, **arch_kwargs)
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in arch_kwargs.items()}  # timm wants tuples
+    kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in arch_kwargs.items()}  # timm wants tuples
     return timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=num_classes, **kwargs)
 
 

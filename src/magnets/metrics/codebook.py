@@ -15,6 +15,7 @@ class CodebookUsage(Metric):
     """
 
     full_state_update = False
+    counts: torch.Tensor
 
     def __init__(self, codebook_size: int) -> None:
         super().__init__()

@@ -53,7 +53,7 @@ import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -170,6 +170,7 @@ class FeatureAccumulator:
             self.outer = torch.zeros(len(self.shift), len(self.shift), dtype=torch.float64, device=features.device)
         elif features.shape[1] != len(self.shift):
             raise ValueError(f"features have {features.shape[1]} dimensions, earlier batches had {len(self.shift)}")
+        assert self.sum is not None and self.outer is not None
         centred = features - self.shift
         self.sum += centred.sum(dim=0)
         self.outer += centred.T @ centred
@@ -178,6 +179,7 @@ class FeatureAccumulator:
     def stats(self, meta: dict[str, str] | None = None) -> FeatureStats:
         if self.count < 2:
             raise ValueError(f"a covariance needs at least 2 feature vectors, got {self.count}")
+        assert self.shift is not None and self.sum is not None and self.outer is not None
         offset = self.sum / self.count
         cov = (self.outer - self.count * torch.outer(offset, offset)) / (self.count - 1)
         return FeatureStats((self.shift + offset).cpu(), cov.cpu(), self.count, dict(meta or {}))
@@ -403,8 +405,8 @@ class ClassifierFeatures(FeatureExtractor):
             raise ClassifierCheckpointError(
                 f"{path}: classifies clips of {classifier.frames} frames, not images: use the 'video_classifier' extractor"
             )
-        super().__init__(name, classifier.model.num_features, file_sha256(path))
-        self.model = classifier.model
+        super().__init__(name, cast(int, classifier.model.num_features), file_sha256(path))
+        self.model: Any = classifier.model  # timm's classifier interface: num_features, forward_features, forward_head
         self.image_size = classifier.image_size
         self.in_chans = classifier.in_chans
         self.test_accuracy = classifier.test_accuracy

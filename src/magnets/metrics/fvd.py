@@ -26,7 +26,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -95,8 +95,8 @@ class VideoClassifierFeatures(VideoFeatureExtractor):
         classifier = load_classifier(path)
         if classifier.frames is None:
             raise ClassifierCheckpointError(f"{path}: classifies images, not clips: use the 'fmnist_classifier' extractor")
-        super().__init__(name, classifier.model.num_features, file_sha256(path))
-        self.model = classifier.model
+        super().__init__(name, cast(int, classifier.model.num_features), file_sha256(path))
+        self.model: Any = classifier.model  # timm's classifier interface: num_features, forward_features, forward_head
         self.image_size = classifier.image_size
         self.in_chans = classifier.in_chans
         self.frames = classifier.frames

@@ -29,6 +29,10 @@ BOUND_EPS = 1e-3
 class FSQ(nn.Module):
     """Finite scalar quantizer over ``len(levels)`` channels with ``prod(levels)`` codes."""
 
+    levels: torch.Tensor
+    basis: torch.Tensor
+    half_width: torch.Tensor
+
     def __init__(self, levels: Sequence[int]) -> None:
         super().__init__()
         if len(levels) < 1 or any(int(n) < 2 for n in levels):

@@ -46,8 +46,17 @@ class Tokenizer(Protocol):
 class TrainableTokenizer(Tokenizer, Protocol):
     """A tokenizer the project trains (``magnets.lit.tokenizer.TokenizerModule``)."""
 
+    @property
+    def quantizer(self) -> nn.Module:
+        """The quantizer of the latents (``VectorQuantizer`` or ``FSQ``)."""
+        ...
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Reconstruction (like ``x``), code ids ``[B, *grid]``, quantizer loss, latents ``[B, D, *grid]``."""
+        ...
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward`, through ``nn.Module.__call__``."""
         ...
 
 

@@ -14,7 +14,7 @@ cache written at one width can be read at another (``magnets.decoding.cache``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -70,11 +70,11 @@ class TransformerConfig:
             raise ValueError(f"widths must be distinct width factors, e.g. [8, 4, 2, 1]; got {self.widths}")
 
     @classmethod
-    def from_size(cls, size: str, **fields: object) -> TransformerConfig:
+    def from_size(cls, size: str, **fields: Any) -> TransformerConfig:
         """The registered ``size`` (see ``MODEL_SIZES``) with data-dependent ``fields``."""
         if size not in MODEL_SIZES:
             raise ValueError(f"unknown model size {size!r}; valid: {list(MODEL_SIZES)}")
-        return cls(**MODEL_SIZES[size], **fields)
+        return cls(**cast(dict[str, Any], MODEL_SIZES[size]), **fields)
 
     @property
     def num_tokens(self) -> int:
@@ -143,8 +143,8 @@ class Block(nn.Module):
         in the pass, then group 1's, ...). One group is :meth:`forward`.
         """
         b = streams[0].shape[0]
-        qkv = [read_stream(self.qkv, layer_norm(self.norm1, x)) for x in streams]  # [B, Q_g, 3D] each
-        qkv = qkv[0] if len(qkv) == 1 else torch.cat(qkv, dim=1)  # [B, Q, 3D]
+        qkv_groups = [read_stream(self.qkv, layer_norm(self.norm1, x)) for x in streams]  # [B, Q_g, 3D] each
+        qkv = qkv_groups[0] if len(qkv_groups) == 1 else torch.cat(qkv_groups, dim=1)  # [B, Q, 3D]
         n = qkv.shape[1]
         q, k, v = qkv.chunk(3, dim=-1)  # 3 x [B, Q, D]
         q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))  # [B, H, Q, D/H]
@@ -228,7 +228,7 @@ class NestedTransformer(nn.Module):
         different widths together and stop or start at a layer.
         """
         for layer in layers:
-            streams = self.blocks[layer].forward_groups(streams, cache, layer)
+            streams = cast(Block, self.blocks[layer]).forward_groups(streams, cache, layer)
         return streams
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -114,6 +114,8 @@ class VectorQuantizer(nn.Module):
     a threshold onto encoder outputs.
     """
 
+    usage: torch.Tensor
+
     def __init__(self, codebook_size: int, code_dim: int, commitment_weight: float) -> None:
         super().__init__()
         self.codebook_size = codebook_size
