@@ -8,7 +8,7 @@ ARGS ?=
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist
 
-.PHONY: help setup data train tokenize data-check sample evaluate sweep sweep-train claims test test-slow bench bench-train bench-policies gpu-check lint tb docs docs-serve clean
+.PHONY: help setup data train tokenize data-check sample evaluate sweep sweep-train claims test test-fast test-slow bench bench-train bench-policies gpu-check lint tb docs docs-serve clean
 
 help:
 	@echo "make train [EXP=fmnist] [ARGS='hydra overrides']  set up, then train experiment EXP end to end"
@@ -77,6 +77,10 @@ claims: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(ARGS)
+
+# The unit tier: everything but the end-to-end and slow tests (under a minute on 2 CPU cores).
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow and not e2e" $(ARGS)
 
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow $(ARGS)

@@ -101,3 +101,18 @@ def flop_counter() -> FlopCounterMode:
         return sdpa_flop_count(query_shape, key_shape, value_shape)
 
     return FlopCounterMode(display=False, custom_mapping={cpu_attention: attention_flops})
+
+
+# The end-to-end tests: they train a tiny run (tiny_cfg), execute the notebook, launch processes or read generated
+# videos. `make test-fast` (pytest -m "not slow and not e2e") leaves them out: the unit tier, under a minute.
+E2E_FIXTURES = {"tiny_cfg", "executed", "seeded", "trained_video_run", "video_run"}
+E2E_MODULES = {"test_notebook", "test_cluster", "test_video_pipeline", "test_imagenet_pipeline", "test_train",
+               "test_seeds", "test_schedule_search", "test_data_check", "test_video_generation", "test_fid_protocol",
+               "test_reconstruction", "test_sample", "test_seams", "test_video_moving_fmnist"}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__ if item.module is not None else ""
+        if module in E2E_MODULES or E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)

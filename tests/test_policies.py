@@ -392,3 +392,39 @@ def test_confidence_routing_runs_at_least_the_tokens_a_step_reveals_wide():
         wide = sum(count for width, count in widths_seen[step] if width == 1)
         assert wide == max(math.ceil(0.1 * masked_before[step]), result.revealed[step])
     assert widths_seen[-1] == [(1, masked_before[-1])]  # the last step: every token wide, one group
+
+
+def test_confidence_routing_with_reveal_wide_reveals_only_tokens_run_wide():
+    model = make_model(depth=2, dtype=torch.float64)
+    schedule = [1, 1, 1, 1, 1]
+    route = RouteSettings("confidence", width=8, fraction=0.25, reveal="wide")
+    policy = PolicyLogits(model, "refresh_on_switch", route=route, steps=len(schedule))
+    wide_positions = []
+
+    def spy(tokens, labels, width, step):
+        out = policy(tokens, labels, width, step)
+        masked = (tokens == model.cfg.mask_id).nonzero()[:, 1].view(tokens.shape[0], -1)  # [B, M] ascending
+        wide = policy.revealable()
+        wide_positions.append(None if wide is None else [set(masked[b][wide[b]].tolist()) for b in range(len(masked))])
+        return out
+
+    cfg = model.cfg
+    tokens, labels = torch.full((2, GRID), cfg.mask_id), torch.tensor([0, 1])
+    with torch.inference_mode():
+        result = decode(
+            spy, tokens, labels, schedule, SamplingSettings(), mask_id=cfg.mask_id, null_class=cfg.null_class,
+            generator=torch.Generator().manual_seed(0), keep_history=True, revealable=policy.revealable,
+        )  # fmt: skip
+    narrow_steps = [step for step, wide in enumerate(wide_positions) if wide is not None]
+    assert narrow_steps, "some step must have run tokens narrow"
+    previous = torch.full((2, GRID), cfg.mask_id)
+    for step in range(len(schedule)):
+        revealed_now = (previous == cfg.mask_id) & (result.history[step] != cfg.mask_id)  # [B, N]
+        if wide_positions[step] is not None:
+            for b in range(2):
+                assert set(revealed_now[b].nonzero()[:, 0].tolist()) <= wide_positions[step][b]
+        previous = result.history[step]
+    # Without the mask, the same routing reveals some token it ran narrow (the comparison can fail).
+    policy_any = PolicyLogits(model, "refresh_on_switch", route=RouteSettings("confidence", 8, 0.25), steps=len(schedule))
+    result_any, _ = run_policy(model, schedule, policy_any, batch=2, seed=0)
+    assert not torch.equal(result_any.tokens, result.tokens)

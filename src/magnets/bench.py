@@ -56,7 +56,7 @@ from magnets.cli import (
 from magnets.decoding.flops import decode_flops_per_sample, nested_training_flop_ratio
 from magnets.decoding.loop import DECODE_DTYPES, SamplingSettings, decode
 from magnets.decoding.plan import CACHE_MODES, plan_decode
-from magnets.decoding.policies import build_decode_callables, policy_label, route_settings
+from magnets.decoding.policies import PolicyLogits, build_decode_callables, policy_label, route_settings
 from magnets.decoding.schedules import load_schedule, shipped_schedules
 from magnets.errors import ConfigError
 from magnets.files import atomic_write_json
@@ -275,6 +275,7 @@ def bench_decode(cfg: DictConfig) -> dict[str, Any]:
             tokens_to_logits, initial, labels, width_per_step[schedule], policy_settings,
             mask_id=model_cfg.mask_id, null_class=model_cfg.null_class, generator=generator,
             unconditional_logits=unconditional_logits,
+            revealable=tokens_to_logits.revealable if isinstance(tokens_to_logits, PolicyLogits) else None,
         )  # fmt: skip
         synchronize(device)
         return time.perf_counter() - start, result.work

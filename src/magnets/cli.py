@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from magnets.data.base import DATAMODULES, SPLITS
 from magnets.decoding.loop import DECODE_DTYPES, GUIDANCE_RAMPS
 from magnets.decoding.plan import CACHE_MODES, POLICY_CACHE_MODES
-from magnets.decoding.policies import ROUTES
+from magnets.decoding.policies import REVEALS, ROUTES
 from magnets.decoding.schedules import load_schedule, shipped_schedules
 from magnets.errors import ConfigError, UserError
 from magnets.lit.maskgit import DISTILL_MODES
@@ -77,6 +77,7 @@ def check_decode(decode: Mapping[str, Any], key: str = "decode") -> None:
         if not isinstance(value, int | float) or value < low or (value == low and not inclusive):
             raise ConfigError(f"{key}.{name}", value, f"a number {'>=' if inclusive else '>'} {low:g}")
     check_choice(f"{key}.route", decode["route"], ROUTES)
+    check_choice(f"{key}.route_reveal", decode["route_reveal"], REVEALS)
     check_positive_int(f"{key}.route_width", decode["route_width"])
     fraction = decode["route_fraction"]
     if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:

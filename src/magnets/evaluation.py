@@ -37,7 +37,7 @@ from magnets.data.shards import TokenDataset
 from magnets.decoding.flops import decode_flops_per_sample
 from magnets.decoding.loop import SamplingSettings, decode
 from magnets.decoding.plan import StepWork
-from magnets.decoding.policies import RouteSettings, build_decode_callables
+from magnets.decoding.policies import PolicyLogits, RouteSettings, build_decode_callables
 from magnets.errors import MismatchError
 from magnets.files import atomic_write, atomic_write_text
 from magnets.metrics.fid import FeatureAccumulator, FeatureExtractor, FeatureStats, frechet_distance, resolve_reference
@@ -151,6 +151,7 @@ def generate_samples(
         model, settings, cache, refresh_every, refresh_layer=refresh_layer, route=route, compile=compile, fast=fast,
         width_per_step=width_per_step,
     )  # fmt: skip
+    revealable = tokens_to_logits.revealable if isinstance(tokens_to_logits, PolicyLogits) else None
     device = conditions.labels.device
     for start in range(0, len(conditions), batch_size):
         labels = conditions.labels[start : start + batch_size]
@@ -160,7 +161,7 @@ def generate_samples(
             result = decode(
                 tokens_to_logits, initial, task.model_labels(labels, cfg.null_class), width_per_step, settings,
                 mask_id=cfg.mask_id, null_class=cfg.null_class, generator=generator,
-                unconditional_logits=unconditional_logits,
+                unconditional_logits=unconditional_logits, revealable=revealable,
             )  # fmt: skip
         media = tokenizer.decode(result.tokens.view(-1, *grid))  # [b, N] -> [b, *grid] -> [b, C, *spatial]
         yield GeneratedBatch(media, labels, result.tokens, result.work)

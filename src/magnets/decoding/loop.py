@@ -9,6 +9,7 @@ step's logits are computed and reports the work it did.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,6 +120,7 @@ def decode(
     generator: torch.Generator | None = None,
     keep_history: bool = False,
     unconditional_logits: TokensToLogits | None = None,
+    revealable: Callable[[], torch.Tensor | None] | None = None,
 ) -> DecodeResult:
     """Reveal every ``mask_id`` entry of ``tokens`` ``[B, N]`` over ``len(width_per_step)`` steps.
 
@@ -131,7 +133,10 @@ def decode(
     2B; with ``guidance_width`` or ``guidance_steps`` set, the unconditional
     rows run through ``unconditional_logits`` (a callable of its own, with its
     own cache; its steps are numbered from its first call) at their width and
-    steps. ``generator`` makes the result reproducible.
+    steps. ``revealable``, called after each step's logits, may return a bool
+    ``[rows, M]`` mask of the masked positions the step may reveal (a routed
+    decode revealing only its wide tokens); None lets it reveal any.
+    ``generator`` makes the result reproducible.
     """
     steps = len(width_per_step)
     tokens = tokens.clone()
@@ -177,6 +182,9 @@ def decode(
             sampled_log_prob = log_probs.gather(-1, sampled[..., None])[..., 0]  # [B, M]
             noise_scale = settings.choice_temperature * (1 - (step + 1) / steps)
             confidence = sampled_log_prob + noise_scale * gumbel_noise(sampled_log_prob.shape, generator, tokens.device)
+            allowed = revealable() if revealable is not None else None  # [rows, M]: the conditional rows first
+            if allowed is not None:
+                confidence = confidence.masked_fill(~allowed[:batch], -math.inf)
             chosen = confidence.topk(reveal, dim=1).indices  # [B, reveal]: indices into the masked positions
         tokens.scatter_(1, masked_positions.gather(1, chosen), sampled.gather(1, chosen))
         masked_now = masked_after[step]

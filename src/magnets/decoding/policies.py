@@ -46,6 +46,7 @@ from magnets.masking import decode_masked_counts
 from magnets.models.transformer import NestedTransformer
 
 ROUTES = ("none", "confidence", "context")
+REVEALS = ("any", "wide")  # which masked tokens a routed step may reveal: any of them, or only the ones it ran wide
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class RouteSettings:
     width: int = 8  # the narrow width factor; a step never runs a token wider than its own width
     fraction: float = 0.5  # confidence: the share of masked tokens kept at the step's width (rounded up; at least the
     # tokens the step reveals, when the callable knows the decode's steps)
+    reveal: str = "any"  # confidence: any | wide (only the tokens run at the step's width may be revealed)
 
     def __post_init__(self) -> None:
         if self.route not in ROUTES:
@@ -64,6 +66,8 @@ class RouteSettings:
             raise ValueError(f"route fraction must lie in (0, 1], got {self.fraction}")
         if self.width < 1:
             raise ValueError(f"route width must be a width factor >= 1, got {self.width}")
+        if self.reveal not in REVEALS:
+            raise ValueError(f"unknown route reveal {self.reveal!r}; valid: {list(REVEALS)}")
 
 
 def narrower(width: int, other: int) -> int:
@@ -143,6 +147,7 @@ class PolicyLogits:
         self.groups: list[TokenGroup] = []  # the last pass's token groups, in pass order (for inspection)
         self.steps, self.mask_schedule = steps, mask_schedule
         self.reveals: list[int] = []  # tokens each step reveals, known at step 0 when ``steps`` is given
+        self.wide: torch.Tensor | None = None  # [B, M]: the masked positions the last pass ran wide (None: all)
 
     def __call__(self, tokens: torch.Tensor, labels: torch.Tensor, width: int, step: int) -> tuple[torch.Tensor, list[StepWork]]:
         """Logits ``[B, M, V]`` at the masked positions of ``tokens`` ``[B, N]`` (ascending), and the step's work."""
@@ -170,6 +175,7 @@ class PolicyLogits:
             logits, work = self._partial(tokens, labels, width, masked, context, masked_positions)
         else:
             reveal = self.reveals[step] if step < len(self.reveals) else 0
+            self.wide = None
             groups = self.groups = merge_groups(self._route(width, context, masked_positions, reveal))
             logits, work = self._grouped(tokens, labels, kind, groups, masked_positions)
         if self.route.route == "confidence":
@@ -179,6 +185,11 @@ class PolicyLogits:
         self.steps_since_refresh = 1 if kind in ("refresh", "partial") else self.steps_since_refresh + 1
         self.next_step = step + 1
         return logits, work
+
+    def revealable(self) -> torch.Tensor | None:
+        """With ``reveal="wide"``: the masked positions (ascending, ``[B, M]``) the last pass ran at the step's width,
+        the only ones the step may reveal (the decode loop's ``revealable``); None otherwise."""
+        return self.wide if self.route.reveal == "wide" else None
 
     def _route(self, width: int, context: torch.Tensor, masked_positions: torch.Tensor, reveal: int) -> list[TokenGroup]:
         """The pass's token groups in pass order: the revealed context first, then the masked tokens (``reveal``: how
@@ -192,6 +203,7 @@ class PolicyLogits:
             return groups + [TokenGroup(masked_positions, width, head_from=0)]
         scores = self.scores.gather(1, masked_positions)  # [B, M]
         order = scores.argsort(dim=1, descending=True, stable=True)  # most confident first
+        self.wide = torch.zeros_like(masked_positions, dtype=torch.bool).scatter_(1, order[:, :keep], True)  # [B, M]
         confident = masked_positions.gather(1, order[:, :keep].sort(dim=1).values)  # [B, keep], ascending
         unsure = masked_positions.gather(1, order[:, keep:].sort(dim=1).values)  # [B, M - keep], ascending
         return groups + [TokenGroup(confident, width, head_from=0), TokenGroup(unsure, narrow, head_from=0)]
@@ -341,7 +353,10 @@ def build_decode_callables(
 
 def route_settings(decode_cfg: Mapping[str, Any]) -> RouteSettings:
     """The routing of a ``decode`` config group (``route``, ``route_width``, ``route_fraction``)."""
-    return RouteSettings(str(decode_cfg["route"]), int(decode_cfg["route_width"]), float(decode_cfg["route_fraction"]))
+    return RouteSettings(
+        str(decode_cfg["route"]), int(decode_cfg["route_width"]), float(decode_cfg["route_fraction"]),
+        str(decode_cfg["route_reveal"]),
+    )  # fmt: skip
 
 
 def policy_label(decode_cfg: Mapping[str, Any]) -> str:
@@ -350,6 +365,8 @@ def policy_label(decode_cfg: Mapping[str, Any]) -> str:
     parts = []
     if decode_cfg["route"] != "none":
         fraction = f":{float(decode_cfg['route_fraction']):g}" if decode_cfg["route"] == "confidence" else ""
+        if decode_cfg["route"] == "confidence" and decode_cfg["route_reveal"] != "any":
+            fraction += f":{decode_cfg['route_reveal']}"
         parts.append(f"route={decode_cfg['route']}:{decode_cfg['route_width']}{fraction}")
     if decode_cfg["cache"] in POLICY_CACHE_MODES:
         parts.append(f"refresh_layer={decode_cfg['refresh_layer']}")
