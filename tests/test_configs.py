@@ -8,8 +8,9 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, REPO, compose_config
-from magnets.cli import check_model, check_train_config
+from magnets.cli import check_decode, check_model, check_policy_fits, check_train_config
 from magnets.decoding.schedules import load_schedule
+from magnets.models.transformer import MODEL_SIZES
 from magnets.errors import ConfigError
 from magnets.models.tokenizer import tokenizer_config
 
@@ -30,6 +31,7 @@ OTHER_PRIMARY = {
     "geometry": ("bench", ""),
     "ablation": ("config", "+"),
     "sweep": ("evaluate", "+"),
+    "decode_policy": ("evaluate", ""),
 }
 TRAINING_SWEEPS = {"distill"}  # conf/sweep/ presets of `make sweep-train`
 
@@ -61,6 +63,10 @@ def test_every_group_option_composes(group, option, tmp_path):
         assert cfg.hydra.mode == RunMode.MULTIRUN and cfg.hydra.sweeper.params
         if primary == "evaluate":  # sample quality in the run's own classifier's features, images or clips
             assert cfg.extractor.name == "domain"
+    if group == "decode_policy":  # every preset passes the decode checks and fits the default training model
+        model = compose_primary("config", [f"paths.runs={tmp_path}", f"run_dir={tmp_path}/run"]).model
+        check_decode(cfg.decode)
+        check_policy_fits(cfg.decode, list(model.widths), MODEL_SIZES[model.size]["depth"])
     if group == "extractor":
         assert cfg.extractor.name == option and "path" in cfg.extractor
     if group == "ablation":
