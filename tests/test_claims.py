@@ -242,10 +242,14 @@ def test_policies_table_places_each_policy_against_the_static_front(tmp_path) ->
         *three_seeds(
             "maskgit_4", "refresh_on_switch", 17.4, gflops_per_sample=0.36, widths="1", policy="route=confidence:8:0.5"
         ),  # fmt: skip
-        # guided with the unconditional pass narrow: 0.40 GFLOPs, 17.1 against maskgit_3's 18.0: below as well
+        # guided with the unconditional pass narrow: 0.40 GFLOPs, 17.1; maskgit_3's 18.0 is beaten, but plain guidance
+        # at K = 2 (both passes full width, a static point of the front) gives 16.5 at 0.38: above the front
         *three_seeds(
             "maskgit_4", "refresh_on_switch", 17.1, gflops_per_sample=0.40, widths="1", guidance=1.0, policy="guidance_width=8"
         ),  # fmt: skip
+        *three_seeds("maskgit_2", "refresh_on_switch", 16.5, gflops_per_sample=0.38, widths="1", guidance=1.0),
+        # plain guidance at K = 4: a static point, not a policy
+        *three_seeds("maskgit_4", "refresh_on_switch", 15.0, gflops_per_sample=0.84, widths="1", guidance=1.0),
         # a sandwich at 0.42 GFLOPs, 17.05 against maskgit_4's 17.0: on the front
         *three_seeds(
             "sandwich_111", "refresh_on_switch", 17.05, gflops_per_sample=0.42, widths="4-1-2", steps_per_width="1-1-1"
@@ -263,20 +267,42 @@ def test_policies_table_places_each_policy_against_the_static_front(tmp_path) ->
     routed = by_label[("maskgit_4", "route=confidence:8:0.5", 0.0)]
     assert routed["best_static"] == "maskgit_3/refresh_on_switch"
     assert routed["difference"] == pytest.approx(-0.6) and routed["position"] == "below"
-    assert by_label[("maskgit_4", "guidance_width=8", 1.0)]["position"] == "below"
+    narrow = by_label[("maskgit_4", "guidance_width=8", 1.0)]
+    assert narrow["best_static"] == "maskgit_2/refresh_on_switch/w=1" and narrow["position"] == "above"
+    assert narrow["difference"] == pytest.approx(0.6)
     sandwich = by_label[("sandwich_111", "", 0.0)]
+    # an unguided policy meets the unguided front only: maskgit_4 plain, not the guided maskgit_2
     assert sandwich["best_static"] == "maskgit_4/refresh_on_switch" and sandwich["position"] == "on"
-    # The routed static schedule is not a static point: maskgit_4's front value stays the plain one.
-    assert table["best_static_mean"].max() == pytest.approx(18.0)
+    # The routed static schedule is not a static point: maskgit_3's front value stays the plain one.
+    assert routed["best_static_mean"] == pytest.approx(18.0)
     # The CLI writes the fifth table.
     results = tmp_path / "results.csv"
     pd.DataFrame(rows).to_csv(results, index=False)
     assert main([str(results)]) == 0
     written = pd.read_csv(tmp_path / "policies_inception_offline.csv")
-    assert len(written) == 3 and set(written["position"]) == {"below", "on"}
+    assert len(written) == 3 and set(written["position"]) == {"below", "above", "on"}
 
 
 def test_results_without_a_policy_column_read_as_plain_decodes() -> None:
     rows = pd.DataFrame([*three_seeds("maskgit_12", "none", 10.0), *three_seeds("magnets_3333", "refresh_on_switch", 10.5)])
     table = front_table(rows.drop(columns=["policy"]))
     assert list(table["schedule"]) == ["magnets_3333"] and table["policy"].tolist() == [""]
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"", "is empty: not a results file"),
+        (b"\xff\xfe\x00s\x00c\x00h\x00e\x00d\x00\n", "is not UTF-8 text"),
+        (b"schedule,fid\nmaskgit_12,10.0\n", "lacks the column(s) extractor, aggregate, samples, fvd, distill, cache"),
+        (b'schedule,fid\n"maskgit_12,10.0\n', "is not a readable CSV"),
+    ],
+    ids=["empty", "utf16", "missing-columns", "unterminated-quote"],
+)
+def test_claims_refuse_a_file_that_is_not_a_results_file_in_one_line(tmp_path, capsys, content, expected) -> None:
+    results = tmp_path / "results.csv"
+    results.write_bytes(content)
+    assert main([str(results)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {results}") and expected in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("claims_*"))  # nothing written

@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 from conftest import CONF_DIR, REPO, compose_config
 from magnets.cli import check_decode, check_model, check_policy_fits, check_train_config
 from magnets.decoding.schedules import load_schedule
-from magnets.models.transformer import MODEL_SIZES
 from magnets.errors import ConfigError
 from magnets.models.tokenizer import tokenizer_config
+from magnets.models.transformer import MODEL_SIZES
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "experiment")
 OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF_DIR / group).glob("*.yaml"))]

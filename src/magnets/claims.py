@@ -126,6 +126,34 @@ class Measured:
     held_out_ce: float = math.nan
 
 
+REQUIRED_COLUMNS = ("extractor", "aggregate", "samples", "fid", "fvd", "distill", "schedule", "cache", "guidance",
+                    "widths", "seed", "checkpoint", "gflops_per_sample", "rfid")  # fmt: skip
+"""The columns of a results file (:data:`magnets.evaluate.RESULT_COLUMNS`) the claims read; ``policy`` and
+``steps_per_width`` may be missing (files written before they existed)."""
+
+
+def read_results(path: Path) -> pd.DataFrame:
+    """A results file, or :class:`ValueError` saying in one line why it cannot be one: missing, empty, not UTF-8 text,
+    not CSV, or missing some of :data:`REQUIRED_COLUMNS` (named)."""
+    if not path.is_file():
+        raise ValueError(f"no results file at {path}: run magnets.evaluate with seeds=[...] first")
+    try:
+        results = pd.read_csv(path, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path} is empty: not a results file written by magnets.evaluate") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}): not a results file") from None
+    except pd.errors.ParserError as err:
+        raise ValueError(f"{path} is not a readable CSV ({str(err).strip()})") from None
+    missing = [column for column in REQUIRED_COLUMNS if column not in results.columns]
+    if missing:
+        raise ValueError(
+            f"{path} lacks the column(s) {', '.join(missing)} of a results file written by magnets.evaluate "
+            f"(its columns: {', '.join(map(str, results.columns))})"
+        )
+    return results
+
+
 def seed_rows(results: pd.DataFrame, extractor: str, samples: int | None) -> pd.DataFrame:
     """The rows of one seed each (not the ``mean``/``std`` rows) at ``extractor`` and ``samples`` (default: the largest
     count evaluated with that extractor), the newest row of each configuration, checkpoint and seed kept, with the
@@ -262,7 +290,8 @@ CONFIGURATION_COLUMNS = ["schedule", "cache", "policy", "guidance", "widths", "s
 def configurations(rows: pd.DataFrame, distill: str = "progressive", guided: bool = False) -> pd.DataFrame:
     """Every schedule, cache mode and decode policy of the ``distill`` model in ``rows`` (of :func:`seed_rows`), at
     guidance 0 (``guided``: at every guidance): its ``widths``, whether it is ``static`` (:func:`is_static`, one width
-    for every step, no policy, no guidance), and the :class:`Measured` fields over its seeds."""
+    for every step and no policy; a guided static decode runs both of its passes at that width, so it is a static
+    point of the guided front), and the :class:`Measured` fields over its seeds."""
     table = []
     model_rows = rows[rows["distill"] == distill]
     if not guided:
@@ -274,7 +303,7 @@ def configurations(rows: pd.DataFrame, distill: str = "progressive", guided: boo
             continue
         widths = str(group["widths"].iloc[-1])
         steps = str(group["steps_per_width"].iloc[-1]) if "steps_per_width" in group else ""
-        static = is_static(widths, steps) and not policy and float(guidance) == 0.0
+        static = is_static(widths, steps) and not policy
         table.append({"schedule": schedule, "cache": cache, "policy": policy, "guidance": float(guidance),
                       "widths": widths, "static": static, "mean": measured.mean, "std": measured.std, "n": measured.n,
                       "gflops": measured.gflops})  # fmt: skip
@@ -330,11 +359,21 @@ def is_scale_up(widths: str) -> bool:
 def policies_table(results: pd.DataFrame, extractor: str = "inception_offline", samples: int | None = None) -> pd.DataFrame:
     """Each decode policy beyond the paper's (a ``policy`` — routing, partial refresh, guidance apart — or a schedule
     order other than scale-up: sandwich, scale-down) against the static front (:func:`against_front`), guided rows
-    included: ``below`` answers whether a policy puts a nested decode beyond the best static configuration as cheap."""
+    included: ``below`` answers whether a policy puts a nested decode beyond the best static configuration as cheap.
+    A policy decoding at guidance w meets the static decodes at guidance 0 and at w (plain guidance, both passes at one
+    width): a cheaper-guidance policy is measured against guidance itself, not credited with what guidance alone
+    gives, and an unguided one against the unguided front."""
     configs = configurations(seed_rows(results, extractor, samples), guided=True)
     order = ~configs["widths"].astype(str).map(is_scale_up) & ~configs["static"]
-    candidates = configs[(configs["policy"] != "") | (configs["guidance"] > 0) | order]
-    return against_front(candidates, configs[configs["static"]], "static")
+    candidates = configs[(configs["policy"] != "") | order]
+    static = configs[configs["static"]]
+    tables = [
+        against_front(group, static[static["guidance"].isin((0.0, guidance))], "static")
+        for guidance, group in candidates.groupby("guidance")
+    ]
+    if not tables:
+        return against_front(candidates, static, "static")
+    return pd.concat(tables).sort_values("gflops", kind="stable").reset_index(drop=True)
 
 
 SEARCHED_PREFIX = "search_"
@@ -472,10 +511,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extractor", default="inception_offline", help="the feature extractor of the rows to use")
     parser.add_argument("--samples", type=int, default=None, help="the sample count of the rows (default: the largest)")
     args = parser.parse_args(argv)
-    if not args.results.is_file():
-        print(f"error: no results file at {args.results}: run magnets.evaluate with seeds=[...] first", file=sys.stderr)
+    try:
+        results = read_results(args.results)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    results = pd.read_csv(args.results)
     try:
         table = claims_table(results, args.extractor, args.samples)
     except (ValueError, KeyError) as err:
