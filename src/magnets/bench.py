@@ -51,6 +51,7 @@ from magnets.cli import (
     check_policy_fits,
     check_positive_int,
     check_schedule,
+    check_writable,
     run_entry,
 )
 from magnets.decoding.flops import decode_flops_per_sample, nested_training_flop_ratio
@@ -492,6 +493,7 @@ def check_bench_config(cfg: DictConfig) -> None:
         check_policy_fits(decode_cfg, cfg.model.widths, MODEL_SIZES[cfg.model.size]["depth"], key=key)
     check_choice("train_bench.precision", cfg.train_bench.precision, list(TRAIN_PRECISIONS))
     check_choice("train_bench.compile", cfg.train_bench.compile, [True, False])
+    check_writable("out", cfg.out)
 
 
 def run_bench(cfg: DictConfig) -> dict[str, Any]:

@@ -13,6 +13,7 @@ the key, the value and the valid values.
 from __future__ import annotations
 
 import sys
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -25,7 +26,8 @@ from magnets.decoding.loop import DECODE_DTYPES, GUIDANCE_RAMPS
 from magnets.decoding.plan import CACHE_MODES, POLICY_CACHE_MODES
 from magnets.decoding.policies import REVEALS, ROUTES
 from magnets.decoding.schedules import load_schedule, shipped_schedules
-from magnets.errors import ConfigError, UserError
+from magnets.errors import ConfigError, MismatchError, UserError
+from magnets.files import unwritable_reason
 from magnets.lit.maskgit import DISTILL_MODES
 from magnets.masking import MASK_SCHEDULES
 from magnets.metrics.extractors import EXTRACTORS
@@ -58,6 +60,26 @@ def check_choice(key: str, value: Any, valid: Iterable[Any]) -> None:
 def check_positive_int(key: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(key, value, "a positive integer")
+
+
+def check_seed(key: str, value: Any) -> None:
+    """A seed: a non-negative integer (what ``torch.manual_seed`` and ``lightning.seed_everything`` take)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(key, value, "a non-negative integer, e.g. 0")
+
+
+def check_writable(key: str, path: Any, is_dir: bool = False) -> None:
+    """An output path that can be written (tried: see :func:`magnets.files.unwritable_reason`), before any work."""
+    reason = unwritable_reason(str(path), is_dir=is_dir)
+    if reason is not None:
+        raise ConfigError(key, str(path), f"a writable {'folder' if is_dir else 'file path'} (here: {reason})")
+
+
+def check_accelerator(trainer: Mapping[str, Any], key: str = "trainer.accelerator") -> None:
+    """A GPU accelerator only where CUDA is available (Lightning would raise deep inside ``Trainer``)."""
+    accelerator = trainer.get("accelerator", "auto")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(key, accelerator, "cpu or auto: no CUDA device is available here (trainer=cpu)")
 
 
 def check_decode(decode: Mapping[str, Any], key: str = "decode") -> None:
@@ -199,6 +221,8 @@ def check_tokenize(tokenize: Mapping[str, Any], key: str = "tokenize") -> None:
 def check_train_config(cfg: DictConfig) -> None:
     """Everything ``python -m magnets.train`` reads, before any stage starts."""
     check_stages(cfg.stages)
+    check_seed("seed", cfg.seed)
+    check_accelerator(cfg.trainer)
     if cfg.trainer.strategy == "fsdp" and cfg.trainer.accelerator == "cpu":
         raise ConfigError("trainer.accelerator", "cpu", "gpu or auto: Lightning's FSDP runs on CUDA only (trainer=ddp on CPUs)")
     if cfg.data.pretokenized and cfg.sample_validation.enabled:
@@ -220,7 +244,9 @@ def check_train_config(cfg: DictConfig) -> None:
     check_positive_int("maskgit.batch_size", cfg.maskgit.batch_size)
     check_positive_int("maskgit.trainer.max_steps", cfg.maskgit.trainer.max_steps)
     check_choice("maskgit.module.compile", cfg.maskgit.module.compile, [True, False])
-    resume_checkpoint(cfg)  # null, or a checkpoint that exists
+    resume = resume_checkpoint(cfg)  # null, or a checkpoint that exists
+    if resume is not None and not zipfile.is_zipfile(resume):  # torch.save writes a zip archive; a cut one has no index
+        raise MismatchError(f"resume={cfg.resume!r}: {resume} is not a readable checkpoint (truncated or not a torch file)")
     if cfg.sample_validation.enabled:
         for name in cfg.sample_validation.schedules:
             check_schedule(name, key="sample_validation.schedules")
@@ -239,6 +265,7 @@ def check_decode_entry(cfg: DictConfig) -> None:
     """What ``sample`` and ``evaluate`` share: schedule, decode settings, batch size, device, seed."""
     check_schedule(cfg.schedule)
     check_decode(cfg.decode)
+    check_seed("seed", cfg.seed)
     check_positive_int("batch_size", cfg.batch_size)
     check_device(cfg.device)
     check_choice("dtype", cfg.dtype, list(DECODE_DTYPES))
@@ -278,6 +305,9 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     if cfg.reference.npz is not None and not Path(cfg.reference.npz).is_file():
         valid = "null or an existing .npz of reference statistics (ADM's mu, sigma; or mean, cov, count)"
         raise ConfigError("reference.npz", cfg.reference.npz, valid)
+    check_writable("results", cfg.results)
+    if cfg.export_npz is not None:
+        check_writable("export_npz", cfg.export_npz)
 
 
 def check_policy_fits(decode: Mapping[str, Any], widths: Iterable[int], depth: int, key: str = "decode") -> None:

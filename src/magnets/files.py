@@ -60,3 +60,25 @@ def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes, remembered while its size and mtime stay the same."""
     stat = os.stat(path)
     return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def unwritable_reason(path: str | Path, is_dir: bool = False) -> str | None:
+    """Why an output at ``path`` (a file, or a folder with ``is_dir``) could not be written, or None if it can.
+
+    Tried, not guessed from permission bits (root passes those everywhere, and
+    ``/proc`` refuses anyway): the folder is created if missing (it would be at
+    the first write) and a temporary file is made in it and removed.
+    """
+    folder = Path(path) if is_dir else Path(path).parent
+    if Path(path).is_dir() and not is_dir:
+        return f"{path} is a folder, not a file"
+    existing = next((place for place in (folder, *folder.parents) if place.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        return f"{err.strerror or err} ({err.filename or folder})"
+    return None

@@ -1,0 +1,98 @@
+"""Bad input a new user gives: each refused in one line naming the value and what would be valid, before any work."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR, REPO, compose_config
+from magnets.bench import check_bench_config
+from magnets.cli import check_train_config
+from magnets.errors import ConfigError
+from magnets.evaluate import check_config as check_evaluate
+from magnets.files import unwritable_reason
+
+
+def compose_primary(primary: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(primary, overrides=overrides)
+
+
+def a_file(tmp_path: Path) -> Path:
+    """A regular file: nothing can be created under it, whoever runs the test (root included)."""
+    path = tmp_path / "a_file"
+    path.write_text("not a folder")
+    return path
+
+
+def test_unwritable_reason_tries_the_place_instead_of_reading_permission_bits(tmp_path) -> None:
+    blocker = a_file(tmp_path)
+    assert unwritable_reason(tmp_path / "new" / "deeper" / "out.json") is None
+    assert (tmp_path / "new" / "deeper").is_dir() and not list((tmp_path / "new" / "deeper").iterdir())  # nothing left
+    assert unwritable_reason(blocker / "out.json") == f"{blocker} is a file, not a folder"
+    assert unwritable_reason(blocker / "runs" / "x", is_dir=True) == f"{blocker} is a file, not a folder"
+    assert unwritable_reason(tmp_path, is_dir=False) == f"{tmp_path} is a folder, not a file"
+
+
+@pytest.mark.parametrize("seed", ["abc", -1, 1.5, True])
+def test_a_seed_that_is_not_a_non_negative_integer_is_refused(tmp_path, seed) -> None:
+    cfg = compose_config([f"paths.runs={tmp_path}", f"run_dir={tmp_path}/run"])
+    cfg.seed = seed
+    with pytest.raises(ConfigError, match=r"^seed=.* is not valid; valid: a non-negative integer"):
+        check_train_config(cfg)
+    evaluate = compose_primary("evaluate", [f"paths.runs={tmp_path}"])
+    evaluate.seed = seed
+    with pytest.raises(ConfigError, match=r"^seed=.* is not valid"):
+        check_evaluate(evaluate)
+
+
+def test_a_gpu_trainer_without_cuda_is_refused_naming_the_cpu_trainer(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = compose_config(["trainer=gpu", f"paths.runs={tmp_path}", f"run_dir={tmp_path}/run"])
+    with pytest.raises(ConfigError, match=r"^trainer.accelerator='gpu' is not valid; valid: cpu or auto: no CUDA.*trainer=cpu"):
+        check_train_config(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_train_config(cfg)  # where CUDA is, the same config passes
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path) -> None:
+    blocker = a_file(tmp_path)
+    evaluate = compose_primary("evaluate", [f"paths.runs={tmp_path}", f"results={blocker}/results.csv"])
+    with pytest.raises(ConfigError, match=r"^results='.*a_file/results.csv' is not valid; valid: a writable file path"):
+        check_evaluate(evaluate)
+    evaluate = compose_primary("evaluate", [f"paths.runs={tmp_path}", f"export_npz={blocker}/samples.npz"])
+    with pytest.raises(ConfigError, match=r"^export_npz="):
+        check_evaluate(evaluate)
+    bench = compose_primary("bench", [f"out={blocker}/bench.json"])
+    with pytest.raises(ConfigError, match=r"^out='.*' is not valid; valid: a writable file path"):
+        check_bench_config(bench)
+    bench.out = str(tmp_path / "bench" / "decode.json")
+    check_bench_config(bench)
+
+
+@pytest.mark.parametrize("module", ["magnets.train", "magnets.evaluate"])
+def test_an_unwritable_runs_folder_ends_in_one_line_before_hydra_makes_it(tmp_path, module) -> None:
+    runs = a_file(tmp_path) / "runs"
+    result = subprocess.run(
+        [sys.executable, "-m", module, f"paths.runs={runs}"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, lines
+    assert lines[0].startswith(f"error: paths.runs='{runs}': the run folder {runs}/") and "valid: a writable folder" in lines[0]
+
+
+def test_the_sweep_folder_is_checked_too(tmp_path) -> None:
+    from magnets.hydra_callbacks import CheckOutputs
+
+    cfg = OmegaConf.create({"paths": {"runs": str(a_file(tmp_path))}, "hydra": {"sweep": {"dir": "${paths.runs}/sweep"}}})
+    with pytest.raises(SystemExit) as exit_info:
+        CheckOutputs().on_multirun_start(cfg)
+    assert exit_info.value.code == 2
+    cfg.paths.runs = str(tmp_path / "runs")
+    CheckOutputs().on_multirun_start(cfg)
+    assert (tmp_path / "runs" / "sweep").is_dir()
