@@ -14,10 +14,11 @@ import torch
 from magnets.cli import check_train_config
 from magnets.data import fashion_mnist
 from magnets.decoding.schedules import load_schedule
-from magnets.errors import ConfigError
+from magnets.errors import ConfigError, MismatchError
 from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.masking import mask_ratio, random_training_mask
 from magnets.pipeline import train
+from magnets.runs import check_resume_compatible
 
 MODEL = dict(codebook_size=16, grid=[8], num_classes=3, dim=32, depth=1, heads=1, mlp_dim=32, widths=[8, 4, 2, 1])
 
@@ -149,6 +150,19 @@ def test_resume_names_what_is_missing(tiny_cfg):
         check_train_config(tiny_cfg)  # found before any stage runs
     with pytest.raises(ConfigError, match=r"resume='last' is not valid; .*checkpoints/last.ckpt exists"):
         train(tiny_cfg)
+
+
+def test_resume_from_a_truncated_checkpoint_is_refused_before_any_stage(tiny_cfg, tmp_path):
+    saved = tmp_path / "runs" / tiny_cfg.name / "earlier" / "checkpoints" / "last.ckpt"
+    saved.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.zeros(64)}, "global_step": 3}, saved)
+    saved.write_bytes(saved.read_bytes()[:200])  # cut, as a killed copy or a full disk leaves it
+    tiny_cfg.resume = "last"
+    with pytest.raises(MismatchError, match=r"^resume='last': .*last.ckpt is not a readable checkpoint \(truncated"):
+        check_train_config(tiny_cfg)
+    tiny_cfg.resume = str(saved)
+    with pytest.raises(MismatchError, match=r"is not a readable checkpoint"):
+        check_resume_compatible(saved, tiny_cfg)  # the later full read names the file too
 
 
 def test_two_process_ddp_run_keeps_ranks_identical(fake_fmnist, tmp_path):

@@ -1,14 +1,18 @@
 """python -m magnets.sample on a tiny trained run: grid, tokens, GFLOPs; clear errors on bad input."""
 
+import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from conftest import CONF_DIR
-from magnets.errors import ConfigError
+from magnets.errors import ConfigError, MismatchError
+from magnets.models.tokenizer import build_tokenizer
 from magnets.pipeline import train
 from magnets.sample import sample
 
@@ -41,6 +45,25 @@ def test_sample_writes_a_class_grid_and_tokens_from_the_newest_checkpoint(tiny_c
         sample(sample_config([*base, "classes=[1,12]"]))
     with pytest.raises(ValueError, match=r"widths \[3\] .* configured widths"):
         sample(sample_config([*base, "schedule.widths=[3,1]", "schedule.steps=[6,6]"]))
+
+    # Another tokenizer than the run's: a larger codebook (silently wrong pictures) or a smaller one (ids past its
+    # embedding) is refused naming both; each checkpoint given in the other's place is named for what it is.
+    tokenizer_ckpt = Path(tiny_cfg.tokenizer.dir) / "tokenizer.ckpt"
+    saved = torch.load(tokenizer_ckpt, weights_only=False)
+    for codes in (32, 128):
+        other = copy.deepcopy(saved)
+        other["hyper_parameters"]["model"]["codebook_size"] = codes
+        module = build_tokenizer(other["hyper_parameters"].get("kind", "vq2d"), other["hyper_parameters"]["model"])
+        other["state_dict"] = {f"model.{k}": v for k, v in module.state_dict().items()}
+        torch.save(other, tmp_path / f"tokenizer_{codes}.ckpt")
+        with pytest.raises(MismatchError, match=rf"tokenizer_{codes}.ckpt \({codes} codes, grid \[8, 8\]\) does not fit "
+                           r"the transformer .*last.ckpt \(64 codes, grid \[8, 8\]\)"):  # fmt: skip
+            sample(sample_config([*base, f"tokenizer_checkpoint={tmp_path / f'tokenizer_{codes}.ckpt'}"]))
+    with pytest.raises(MismatchError, match=r"is not a nested MaskGIT checkpoint.*it is a tokenizer checkpoint"):
+        sample(sample_config([*base, f"checkpoint={tokenizer_ckpt}"]))
+    transformer_ckpt = next(Path(tiny_cfg.paths.runs).glob("fmnist/*/checkpoints/last.ckpt"))
+    with pytest.raises(MismatchError, match=r"is not a tokenizer checkpoint: it is a nested MaskGIT one"):
+        sample(sample_config([*base, f"tokenizer_checkpoint={transformer_ckpt}"]))
 
 
 def test_sample_names_what_is_missing(tmp_path):

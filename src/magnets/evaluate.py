@@ -102,7 +102,7 @@ from magnets.metrics.extractors import (
 from magnets.metrics.fid import FeatureExtractor, FeatureStats
 from magnets.metrics.reconstruction import reconstruction_fid, rfid_cache_path
 from magnets.models.tokenizer import Tokenizer
-from magnets.runs import resolve_checkpoint, shard_dir, tokenizer_of_run
+from magnets.runs import check_tokenizer_fits_model, resolve_checkpoint, shard_dir, tokenizer_of_run
 from magnets.task import Task
 
 log = logging.getLogger(__name__)
@@ -330,6 +330,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     settings = SamplingSettings.from_config(cfg.decode)
     tokenizer_path = Path(cfg.tokenizer_checkpoint or tokenizer_of_run(run_config, checkpoint, cfg.paths.runs))
     tokenizer = cast(Tokenizer, load_tokenizer(tokenizer_path, device))
+    check_tokenizer_fits_model(tokenizer.codebook_size, tokenizer.grid, tokenizer_path, model.cfg, checkpoint)
     classifier_path = run_classifier(run_config, cfg)
     # Class accuracy needs the run's classifier; a run without one (ImageNet) is measured with another extractor only.
     has_classifier = classifier_path.is_file() or cfg.extractor.name == "domain"

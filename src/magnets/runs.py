@@ -8,14 +8,15 @@ for the tokenizer, and token shards in ``<tokenize.out_dir>/<split>``.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from magnets.errors import ConfigError, MismatchError
+from magnets.lit.checkpoints import read_checkpoint
 
 # Checkpoints a stage leaves in checkpoint_dir(): the periodic/final one, and the one written when a run crashes
 # or is interrupted (Lightning's OnExceptionCheckpoint adds the suffix to INTERRUPTED_NAME).
@@ -89,7 +90,7 @@ def resume_checkpoint(cfg: DictConfig) -> Path | None:
 
 def check_resume_compatible(checkpoint: Path, cfg: DictConfig) -> None:
     """Refuse to resume from a checkpoint written under another model, distillation, tokenizer or data."""
-    saved = OmegaConf.create(torch.load(checkpoint, map_location="cpu", weights_only=False).get("config", {}))
+    saved = OmegaConf.create(read_checkpoint(checkpoint, "MaskGIT").get("config", {}))  # a damaged file: one line
     current = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     diffs = [key for key in RESUME_MUST_MATCH if OmegaConf.select(saved, key) != OmegaConf.select(current, key)]
     if diffs:
@@ -115,6 +116,21 @@ def tokenizer_of_run(run_config: dict[str, Any], checkpoint: Path, runs: str | P
     if not path.is_absolute() and path.is_relative_to(saved_runs):
         return Path(runs, path.relative_to(saved_runs))
     return path
+
+
+def check_tokenizer_fits_model(
+    codebook_size: int, grid: Iterable[int], tokenizer_path: Path, model_cfg: Any, checkpoint: Path
+) -> None:
+    """Refuse a tokenizer (``codebook_size`` codes, token ``grid``) that cannot be the one ``checkpoint``'s transformer
+    (``model_cfg``) was trained on: another codebook size or grid would index past the embedding, or decode its token
+    ids into other codes' pictures without a word."""
+    grid, model_grid = list(grid), list(model_cfg.grid)
+    if codebook_size != model_cfg.codebook_size or grid != model_grid:
+        raise MismatchError(
+            f"tokenizer {tokenizer_path} ({codebook_size} codes, grid {grid}) does not fit the transformer {checkpoint} "
+            f"({model_cfg.codebook_size} codes, grid {model_grid}): give the tokenizer it was trained with "
+            "(tokenizer_checkpoint=null takes the one its saved config names)"
+        )
 
 
 def save_checkpoint_atomically(trainer: L.Trainer, path: Path) -> None:

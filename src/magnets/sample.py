@@ -39,7 +39,7 @@ from magnets.lit.maskgit import load_maskgit
 from magnets.lit.tokenizer import load_tokenizer
 from magnets.media import save_media
 from magnets.models.tokenizer import Tokenizer
-from magnets.runs import resolve_checkpoint, shard_dir, tokenizer_of_run
+from magnets.runs import check_tokenizer_fits_model, resolve_checkpoint, shard_dir, tokenizer_of_run
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     settings = SamplingSettings.from_config(cfg.decode)
     tokenizer_path = cfg.tokenizer_checkpoint or tokenizer_of_run(run_config, checkpoint, cfg.paths.runs)
     tokenizer = cast(Tokenizer, load_tokenizer(tokenizer_path, device))
+    check_tokenizer_fits_model(tokenizer.codebook_size, tokenizer.grid, Path(tokenizer_path), model_cfg, checkpoint)
 
     classes = list(range(model_cfg.num_classes)) if cfg.classes is None else list(cfg.classes)
     bad = [c for c in classes if not 0 <= c < model_cfg.num_classes]

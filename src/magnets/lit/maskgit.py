@@ -14,6 +14,7 @@ from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torchmetrics import MeanMetric
 
+from magnets.errors import MismatchError
 from magnets.lit.checkpoints import load_model_weights, read_checkpoint
 from magnets.lit.optim import warmup_cosine
 from magnets.masking import random_training_mask
@@ -180,5 +181,9 @@ def load_maskgit(
         model = NestedTransformer(TransformerConfig(**ckpt["hyper_parameters"]["model"]))
         task = task_of_hparams(ckpt["hyper_parameters"])
     except TypeError as err:
-        raise ValueError(f"{checkpoint} is not a nested MaskGIT checkpoint: its model config does not fit ({err})") from err
+        saved = ckpt["hyper_parameters"]["model"]
+        hint = "; it is a tokenizer checkpoint: give it as tokenizer_checkpoint=" if "in_channels" in saved else ""
+        raise MismatchError(
+            f"{checkpoint} is not a nested MaskGIT checkpoint: its model config does not fit ({err}){hint}"
+        ) from None
     return load_model_weights(model, ckpt, checkpoint), task, ckpt.get("config", {})

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torchmetrics import MeanMetric, Metric
 
 from magnets.data.base import to_unit_float
+from magnets.errors import MismatchError
 from magnets.lit.checkpoints import load_model_weights, read_checkpoint
 from magnets.lit.optim import warmup_cosine
 from magnets.media import log_media, save_media
@@ -167,5 +168,10 @@ def load_tokenizer(checkpoint: str | Path, map_location: str | torch.device = "c
     """The tokenizer stored in a :class:`TokenizerModule` checkpoint, in eval mode (any registered kind)."""
     ckpt = read_checkpoint(checkpoint, "tokenizer", map_location)
     hparams = ckpt["hyper_parameters"]
-    model = build_tokenizer(hparams.get("kind", "vq2d"), hparams["model"])
+    if "widths" in hparams["model"]:  # a nested transformer's hyper-parameters (no tokenizer config has widths)
+        raise MismatchError(f"{checkpoint} is not a tokenizer checkpoint: it is a nested MaskGIT one (give it as checkpoint=)")
+    try:
+        model = build_tokenizer(hparams.get("kind", "vq2d"), hparams["model"])
+    except ValueError as err:
+        raise MismatchError(f"{checkpoint} is not a tokenizer checkpoint this project can build: {err}") from None
     return load_model_weights(model, ckpt, checkpoint)
