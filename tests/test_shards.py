@@ -80,6 +80,43 @@ def test_tokens_inconsistent_with_meta_are_refused(tmp_path):
         open_shard(tmp_path / "train")
 
 
+def test_damaged_shard_files_are_refused_naming_the_file_and_the_remedy(tmp_path):
+    """Damage after writing, found when the shard opens, not deep inside a training step."""
+    shard = tmp_path / "train"
+    write_random(shard, make_meta(codebook_size=64))
+    remedy = f"delete {shard} and run the tokenize stage again"
+    tokens_bytes = (shard / "tokens.npy").read_bytes()
+
+    (shard / "tokens.npy").write_bytes(tokens_bytes[: len(tokens_bytes) - 7])  # cut short
+    with pytest.raises(ShardError, match=rf"tokens.npy is unreadable, truncated .*mmap length.*: {remedy}"):
+        open_shard(shard)
+
+    labels = np.load(shard / "labels.npy")  # labels survive; tokens get an id past the codebook
+    np.save(shard / "tokens.npy", np.where(np.arange(60).reshape(10, 6) == 17, 64, 3).astype(np.uint16))
+    with pytest.raises(ShardError, match=rf"tokens.npy holds token id 64, outside the codebook of 64 codes.*: {remedy}"):
+        open_shard(shard)
+    np.save(shard / "tokens.npy", np.full((10, 6), 63, np.uint16))  # the top id is inside
+    open_shard(shard)
+
+    np.save(shard / "labels.npy", np.where(np.arange(10) == 4, -1, labels).astype(np.int64))
+    with pytest.raises(ShardError, match=r"labels.npy holds label -1 < 0"):
+        open_shard(shard)
+
+    (shard / "labels.npy").unlink()
+    with pytest.raises(ShardError, match=rf"labels.npy is missing \(meta.json is there\): {remedy}"):
+        open_shard(shard)
+
+
+def test_labels_beyond_num_classes_are_refused_naming_the_setting(tmp_path):
+    write_random(tmp_path / "train", make_meta())  # labels 0..9
+    labels = np.load(tmp_path / "train" / "labels.npy")
+    top = int(labels.max())
+    with pytest.raises(ShardError, match=rf"labels reach {top}, but data.num_classes={top} allows 0..{top - 1}"):
+        TokenDataModule(tmp_path, codebook_size=512, grid=[2, 3], batch_size=5, num_classes=top).train_dataloader()
+    TokenDataModule(tmp_path, codebook_size=512, grid=[2, 3], batch_size=5, num_classes=top + 1).train_dataloader()
+    assert len(TokenDataset(tmp_path / "train", num_classes=top + 1)) == 10
+
+
 def test_crash_mid_write_leaves_no_shard_and_keeps_the_old_one(tmp_path):
     old_tokens, _ = write_random(tmp_path / "train", make_meta(), seed=0)
 

@@ -441,6 +441,7 @@ def fit_maskgit(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> 
         batch_size=cfg.maskgit.batch_size,
         num_workers=cfg.maskgit.num_workers,
         seed=cfg.seed,
+        num_classes=model_cfg["num_classes"] or None,  # labels index the class embedding: checked when a split opens
     )
     callbacks: list[L.Callback] = [LearningRateMonitor(logging_interval="step"), *extra_callbacks]
     if cfg.maskgit.ema_decay is not None:

@@ -223,9 +223,19 @@ def check_meta(meta: ShardMeta, directory: str | Path, expected: dict[str, objec
 
 
 def _open_one(directory: Path, meta: ShardMeta) -> tuple[np.memmap, np.memmap]:
-    """Tokens and labels memmaps of one shard, checked against its meta."""
-    tokens = np.load(directory / "tokens.npy", mmap_mode="r")
-    labels = np.load(directory / "labels.npy", mmap_mode="r")
+    """Tokens and labels memmaps of one shard, checked against its meta: both files present and whole, the shapes
+    meta.json gives, token ids inside the codebook, labels non-negative. A fault names the file and the remedy."""
+    remedy = f"delete {directory} and run the tokenize stage again to rewrite it"
+    arrays = []
+    for name in ("tokens.npy", "labels.npy"):
+        path = directory / name
+        if not path.is_file():
+            raise ShardError(f"{path} is missing (meta.json is there): {remedy}")
+        try:
+            arrays.append(np.load(path, mmap_mode="r"))
+        except (ValueError, OSError, EOFError) as err:  # a cut file: "mmap length is greater than file size", ...
+            raise ShardError(f"{path} is unreadable, truncated or not a .npy array ({err}): {remedy}") from None
+    tokens, labels = arrays
     if tokens.dtype != np.uint16 or tokens.shape != (meta.count, meta.tokens_per_item):
         raise ShardError(
             f"{directory}/tokens.npy is {tokens.dtype} {list(tokens.shape)}, "
@@ -233,6 +243,14 @@ def _open_one(directory: Path, meta: ShardMeta) -> tuple[np.memmap, np.memmap]:
         )
     if labels.shape != (meta.count,):
         raise ShardError(f"{directory}/labels.npy has shape {list(labels.shape)}, meta.json says [{meta.count}]")
+    if meta.count and int(tokens.max()) >= meta.codebook_size:  # one pass over the file; an id past it would index
+        # past the transformer's embedding deep inside a training step
+        raise ShardError(
+            f"{directory}/tokens.npy holds token id {int(tokens.max())}, outside the codebook of {meta.codebook_size} "
+            f"codes meta.json gives: {remedy}"
+        )
+    if meta.count and int(labels.min()) < 0:
+        raise ShardError(f"{directory}/labels.npy holds label {int(labels.min())} < 0: {remedy}")
     return tokens, labels
 
 
@@ -331,8 +349,16 @@ class TokenDataset(Dataset):
     (:func:`split_meta`).
     """
 
-    def __init__(self, directory: str | Path, **expected: object) -> None:
+    def __init__(self, directory: str | Path, num_classes: int | None = None, **expected: object) -> None:
+        """``expected``: meta fields every shard must match (:func:`open_shard`); ``num_classes``: when given, every
+        label must be below it (the class embedding's size, ``data.num_classes``)."""
         self.tokens, self.labels, self.meta = open_shard(directory, **expected)
+        if num_classes is not None and self.meta.count and int(np.max(self.labels)) >= num_classes:
+            raise ShardError(
+                f"{directory}: labels reach {int(np.max(self.labels))}, but data.num_classes={num_classes} allows "
+                f"0..{num_classes - 1}: set data.num_classes to the dataset's class count (at least "
+                f"{int(np.max(self.labels)) + 1})"
+            )
 
     def __len__(self) -> int:
         return self.meta.count
@@ -409,16 +435,18 @@ class TokenDataModule(L.LightningDataModule):
         batch_size: int = 256,
         num_workers: int = 0,
         seed: int = 0,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
         self.expected = {"codebook_size": codebook_size, "grid": list(grid)}
+        self.num_classes = num_classes
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
 
     def dataset(self, split: str) -> TokenDataset:
-        return TokenDataset(self.root / split, **self.expected)
+        return TokenDataset(self.root / split, num_classes=self.num_classes, **self.expected)
 
     def _loader(self, split: str) -> DataLoader:
         return DataLoader(
