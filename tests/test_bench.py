@@ -240,3 +240,27 @@ def test_gpu_check_runs_every_part_and_writes_its_table_on_the_cpu(tmp_path):
     assert targets["magnets_cached_b64_of_flop_ratio"]["value"] == max(r["speedup_over_flops_ratio"] for r in cached)
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| magnets_cached_b64_of_flop_ratio |" in table and "| m_8 |" in table and "compile=False" in table
+
+
+def test_bench_policies_keep_the_plain_decodes_and_name_plain_guidance(tmp_path):
+    """A guided entry has no policy label of its own: it must not replace the plain decode of the same schedule."""
+    cfg = bench_config(
+        ["model=tiny", "batch_size=2", "grid=[4,4]", "warmup=0", "repeats=1", "decode_bench.caches=[none]",
+         "decode_bench.schedules=[maskgit_12,maskgit_4]",
+         "decode_bench.policies=[{schedule: maskgit_4, cache: none, guidance_scale: 1.0},"
+         "{schedule: maskgit_4, cache: none, guidance_scale: 1.0, guidance_width: 8}]"]
+    )  # fmt: skip
+    check_bench_config(cfg)
+    records = {(r["schedule"], r["policy"]): r for r in bench_decode(cfg)["records"]}
+    assert set(records) == {("maskgit_12", ""), ("maskgit_4", ""), ("maskgit_4", "w=1"), ("maskgit_4", "guidance_width=8,w=1")}
+    plain, guided = records[("maskgit_4", "")], records[("maskgit_4", "w=1")]
+    assert guided["gflops_per_sample"] == pytest.approx(2 * plain["gflops_per_sample"])  # both passes at full width
+    narrow = records[("maskgit_4", "guidance_width=8,w=1")]["gflops_per_sample"]
+    assert plain["gflops_per_sample"] < narrow < guided["gflops_per_sample"]
+
+    cfg.decode_bench.policies = [{"schedule": "maskgit_4"}]
+    with pytest.raises(ConfigError, match=r"policies\[0\].*an entry that sets a policy or guidance"):
+        check_bench_config(cfg)
+    cfg.decode_bench.policies = [{"schedule": "maskgit_4", "guidance_scale": 1.0}] * 2
+    with pytest.raises(ConfigError, match=r"policies\[1\].*an entry other than decode_bench.policies\[0\]"):
+        check_bench_config(cfg)

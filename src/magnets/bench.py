@@ -253,8 +253,8 @@ def bench_decode(cfg: DictConfig) -> dict[str, Any]:
     # Each decode policy (decode_bench.policies: decode-group overrides with a schedule) is one more configuration.
     policy_decode: dict[str, DictConfig] = {"": cfg.decode}
     for entry in bench.policies:
-        decode_cfg = cast(DictConfig, OmegaConf.merge(cfg.decode, {k: v for k, v in entry.items() if k != "schedule"}))
-        label = policy_label(decode_cfg)
+        decode_cfg = policy_entry_decode(cfg.decode, entry)
+        label = bench_policy_label(decode_cfg)
         policy_decode[label] = decode_cfg
         configurations.append((entry.schedule, decode_cfg.cache, "eager", label))
     width_per_step = {key[0]: load_schedule(key[0]).width_per_step(model_cfg.widths) for key in configurations}
@@ -480,6 +480,7 @@ def check_bench_config(cfg: DictConfig) -> None:
         check_choice("decode_bench.caches", cache, CACHE_MODES)
     for path in cfg.decode_bench.paths:
         check_choice("decode_bench.paths", path, DECODE_PATHS)
+    seen: dict[tuple[str, str, str], int] = {}
     for index, entry in enumerate(cfg.decode_bench.policies):
         key = f"decode_bench.policies[{index}]"
         if "schedule" not in entry:
@@ -488,12 +489,31 @@ def check_bench_config(cfg: DictConfig) -> None:
         unknown = sorted(set(entry) - {"schedule"} - set(cfg.decode))
         if unknown:
             raise ConfigError(f"{key}", unknown, f"keys of the decode group: {sorted(cfg.decode)}")
-        decode_cfg = cast(DictConfig, OmegaConf.merge(cfg.decode, {k: v for k, v in entry.items() if k != "schedule"}))
+        decode_cfg = policy_entry_decode(cfg.decode, entry)
         check_decode(decode_cfg, key=key)
         check_policy_fits(decode_cfg, cfg.model.widths, MODEL_SIZES[cfg.model.size]["depth"], key=key)
+        label = bench_policy_label(decode_cfg)
+        if not label and float(cfg.decode.guidance_scale) == 0:
+            raise ConfigError(key, dict(entry), "an entry that sets a policy or guidance (a plain schedule goes in schedules)")
+        configuration = (entry.schedule, decode_cfg.cache, label)
+        if configuration in seen:
+            raise ConfigError(key, dict(entry), f"an entry other than decode_bench.policies[{seen[configuration]}]")
+        seen[configuration] = index
     check_choice("train_bench.precision", cfg.train_bench.precision, list(TRAIN_PRECISIONS))
     check_choice("train_bench.compile", cfg.train_bench.compile, [True, False])
     check_writable("out", cfg.out)
+
+
+def policy_entry_decode(decode: DictConfig, entry: Mapping[str, Any]) -> DictConfig:
+    """The decode group of one ``decode_bench.policies`` entry: ``decode`` with the entry's overrides."""
+    return cast(DictConfig, OmegaConf.merge(decode, {k: v for k, v in entry.items() if k != "schedule"}))
+
+
+def bench_policy_label(decode_cfg: Mapping[str, Any]) -> str:
+    """A policy entry's name in the records: its :func:`policy_label`, then ``w=<guidance>`` when it guides (plain
+    guidance has no policy label, and must not take the plain decode's place)."""
+    guidance = float(decode_cfg["guidance_scale"])
+    return ",".join(part for part in (policy_label(decode_cfg), f"w={guidance:g}" if guidance > 0 else "") if part)
 
 
 def run_bench(cfg: DictConfig) -> dict[str, Any]:
