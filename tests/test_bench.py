@@ -15,7 +15,7 @@ from magnets.decoding.plan import CACHE_MODES, plan_decode
 from magnets.decoding.schedules import load_schedule, shipped_schedules
 from magnets.errors import ConfigError
 from magnets.models.tokenizer import tokenizer_config
-from magnets.models.transformer import TransformerConfig
+from magnets.models.transformer import MODEL_SIZES, TransformerConfig
 from magnets.task import build_task
 
 
@@ -84,7 +84,7 @@ def test_bench_decode_times_the_fast_path_beside_the_eager_one():
 
 def test_magnets_needs_2_8x_fewer_gflops_than_maskgit_at_the_imagenet_geometry():
     """Model b, 16x16 tokens, K=12: magnets_3333 with refresh on switch against uncached maskgit_12."""
-    cfg = bench_model_config("b", bench_geometry(bench_config(["grid=[16,16]", "codebook_size=1024"])), [8, 4, 2, 1])
+    cfg = bench_model_config(MODEL_SIZES["b"], bench_geometry(bench_config(["grid=[16,16]", "codebook_size=1024"])), [8, 4, 2, 1])
 
     def gflops(schedule, cache):
         work = plan_decode(cfg.num_tokens, load_schedule(schedule).width_per_step(cfg.widths), cache).work()

@@ -90,10 +90,10 @@ def test_unknown_option_names_the_valid_ones():
 
 @pytest.mark.parametrize("widths", [[8, 4, 2, 1], [8], [2], [4, 1]])
 def test_model_widths_any_distinct_divisors(widths):
-    check_model({"size": "fmnist", "widths": widths})
+    check_model({"size": "fmnist", **MODEL_SIZES["fmnist"], "widths": widths})
 
 
 @pytest.mark.parametrize("widths", [[], [3], [8, 8], [0, 1], [256]])
 def test_model_widths_refused_naming_the_valid_ones(widths):
     with pytest.raises(ConfigError, match=r"model\.widths.*distinct positive divisors of dim=128"):
-        check_model({"size": "fmnist", "widths": widths})
+        check_model({"size": "fmnist", **MODEL_SIZES["fmnist"], "widths": widths})

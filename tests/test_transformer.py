@@ -6,8 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import CONF_DIR
-from magnets.models.transformer import MODEL_SIZES, NestedTransformer, TransformerConfig
+from conftest import CONF_DIR, compose_config
+from magnets.cli import check_model
+from magnets.errors import ConfigError
+from magnets.models.transformer import MODEL_SIZES, NestedTransformer, TransformerConfig, load_model_sizes
+from magnets.pipeline import maskgit_model_config
 
 CFG = dict(codebook_size=20, grid=[12], num_classes=5, dim=32, depth=2, heads=2, mlp_dim=48, widths=[8, 4, 2, 1])
 
@@ -138,8 +141,25 @@ def test_unknown_width_and_indivisible_sizes_name_the_valid_values():
         TransformerConfig.from_size("m", codebook_size=8, grid=[4], num_classes=2)
 
 
-def test_model_configs_match_the_size_registry():
+def test_model_sizes_are_read_from_the_model_yamls_and_overrides_reach_the_model(tmp_path):
     assert sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")) == sorted(MODEL_SIZES)
+    assert MODEL_SIZES["b"] == {"dim": 768, "depth": 24, "heads": 16, "mlp_dim": 3072}  # MaskGIT's base transformer
     for size, dims in MODEL_SIZES.items():
         assert dims["dim"] // dims["heads"] >= 48, size
         TransformerConfig.from_size(size, codebook_size=512, grid=[64], num_classes=10)
+    # A model group is what the training builds: its YAML values, and a command-line override of them.
+    cfg = compose_config(["model=fmnist", "model.depth=3", "model.mlp_dim=256", f"paths.runs={tmp_path}"])
+    built = maskgit_model_config(cfg)
+    assert {k: built[k] for k in ("dim", "depth", "heads", "mlp_dim")} == {"dim": 128, "depth": 3, "heads": 2, "mlp_dim": 256}
+    cfg.model.heads = 3
+    with pytest.raises(ConfigError, match=r"model.heads=3 is not valid; valid: a divisor of model.dim=128"):
+        check_model(cfg.model)
+    cfg.model.heads, cfg.model.depth = 2, 0
+    with pytest.raises(ConfigError, match=r"model.depth=0 is not valid; valid: a positive integer"):
+        check_model(cfg.model)
+
+
+def test_a_model_yaml_without_its_dimensions_is_refused_by_name(tmp_path):
+    (tmp_path / "half.yaml").write_text("size: half\ndim: 64\nwidths: [8, 4, 2, 1]\n")
+    with pytest.raises(ValueError, match=r"half.yaml: a model size needs size and dim, depth, heads, mlp_dim"):
+        load_model_sizes(tmp_path)

@@ -64,7 +64,7 @@ from magnets.files import atomic_write_json
 from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.masking import random_training_mask
 from magnets.models.tokenizer import num_tokens, tokenizer_config
-from magnets.models.transformer import MODEL_SIZES, NestedTransformer, TransformerConfig
+from magnets.models.transformer import MODEL_SIZES, NestedTransformer, TransformerConfig, model_dimensions
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +185,13 @@ def bench_geometry(cfg: DictConfig) -> BenchGeometry:
     return BenchGeometry(geometry.name, grid, codebook_size, cfg.num_classes, geometry.tokenizer, cond_frames, given)
 
 
-def bench_model_config(size: str, geometry: BenchGeometry, widths: list[int]) -> TransformerConfig:
-    """Model ``size`` with the geometry's token grid, codebook and classes."""
-    return TransformerConfig.from_size(
-        size, codebook_size=geometry.codebook_size, grid=list(geometry.grid), num_classes=geometry.num_classes, widths=widths
-    )
+def bench_model_config(dimensions: Mapping[str, int], geometry: BenchGeometry, widths: list[int]) -> TransformerConfig:
+    """A model of ``dimensions`` (:func:`magnets.models.transformer.model_dimensions` of a model config, or
+    ``MODEL_SIZES[name]``) with the geometry's token grid, codebook and classes."""
+    return TransformerConfig(
+        **dimensions, codebook_size=geometry.codebook_size, grid=list(geometry.grid), num_classes=geometry.num_classes,
+        widths=widths,
+    )  # fmt: skip
 
 
 def flops_table(
@@ -240,8 +242,8 @@ def bench_decode(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"unknown dtype {cfg.dtype!r}; valid: {list(DECODE_DTYPES)}")
     bench = cfg.decode_bench
     geometry = bench_geometry(cfg)
-    model_cfg = bench_model_config(cfg.model.size, geometry, list(cfg.model.widths))
-    flops_model_cfg = bench_model_config(cfg.flops_model, geometry, list(cfg.model.widths))
+    model_cfg = bench_model_config(model_dimensions(cfg.model), geometry, list(cfg.model.widths))
+    flops_model_cfg = bench_model_config(MODEL_SIZES[cfg.flops_model], geometry, list(cfg.model.widths))
     settings = SamplingSettings.from_config(cfg.decode)
     torch.manual_seed(0)
     model = NestedTransformer(model_cfg).to(device=device, dtype=dtype).eval()
@@ -366,13 +368,11 @@ def train_step_seconds(
 
 def bench_train(cfg: DictConfig) -> dict[str, Any]:
     """Nested (all widths) vs single-width training step time under ``train_bench`` precision; the JSON record."""
-    if cfg.model.size not in MODEL_SIZES:
-        raise ValueError(f"unknown model size {cfg.model.size!r}; valid: {list(MODEL_SIZES)}")
     device = torch.device(cfg.device)
     geometry = bench_geometry(cfg)
     torch.manual_seed(0)
     base = {
-        **MODEL_SIZES[cfg.model.size],
+        **model_dimensions(cfg.model),
         "codebook_size": geometry.codebook_size,
         "grid": list(geometry.grid),
         "num_classes": geometry.num_classes,
@@ -491,7 +491,7 @@ def check_bench_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}", unknown, f"keys of the decode group: {sorted(cfg.decode)}")
         decode_cfg = policy_entry_decode(cfg.decode, entry)
         check_decode(decode_cfg, key=key)
-        check_policy_fits(decode_cfg, cfg.model.widths, MODEL_SIZES[cfg.model.size]["depth"], key=key)
+        check_policy_fits(decode_cfg, cfg.model.widths, int(cfg.model.depth), key=key)
         label = bench_policy_label(decode_cfg)
         if not label and float(cfg.decode.guidance_scale) == 0:
             raise ConfigError(key, dict(entry), "an entry that sets a policy or guidance (a plain schedule goes in schedules)")

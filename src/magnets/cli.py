@@ -32,7 +32,7 @@ from magnets.lit.maskgit import DISTILL_MODES
 from magnets.masking import MASK_SCHEDULES
 from magnets.metrics.extractors import EXTRACTORS
 from magnets.models.tokenizer import PRETRAINED_KINDS, TOKENIZER_KINDS, tokenizer_config
-from magnets.models.transformer import MODEL_SIZES
+from magnets.models.transformer import MODEL_DIMENSIONS, MODEL_SIZES
 from magnets.pipeline import LOGGERS
 from magnets.runs import resume_checkpoint
 from magnets.task import build_task
@@ -134,7 +134,11 @@ def check_schedule(schedule: Any, widths: Iterable[int] | None = None, key: str 
 def check_model(model: Mapping[str, Any], key: str = "model") -> None:
 
     check_choice(f"{key}.size", model["size"], list(MODEL_SIZES))
-    dim = MODEL_SIZES[model["size"]]["dim"]
+    for name in MODEL_DIMENSIONS:
+        check_positive_int(f"{key}.{name}", model.get(name))
+    dim = model["dim"]
+    if dim % model["heads"]:
+        raise ConfigError(f"{key}.heads", model["heads"], f"a divisor of {key}.dim={dim}")
     widths = list(model["widths"])
     # Any distinct divisors: [8, 4, 2, 1] nested; one width alone ([8]: m_8's slice) for the single-width baselines.
     if not widths or len(set(widths)) != len(widths) or any(not isinstance(p, int) or p < 1 or dim % p for p in widths):

@@ -112,7 +112,7 @@ def width_forwards(cfg: DictConfig) -> list[dict[str, Any]]:
     """One uncached forward (every token, head at every position) of each width: eager, and replayed from a CUDA graph."""
     device, dtype = torch.device(cfg.device), DECODE_DTYPES[cfg.dtype]
     image = bench_geometry(bench_config([f"model={cfg.model_size}", *cfg.bench_overrides]))
-    model_cfg = bench_model_config(cfg.model_size, image, [8, 4, 2, 1])
+    model_cfg = bench_model_config(MODEL_SIZES[cfg.model_size], image, [8, 4, 2, 1])
     torch.manual_seed(0)
     model = NestedTransformer(model_cfg).to(device=device, dtype=dtype).eval()
     batch = cfg.forward_batch_size

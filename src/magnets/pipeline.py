@@ -61,7 +61,7 @@ from magnets.metrics.extractors import CLASSIFIER_EXTRACTORS, EXTRACTORS, build_
 from magnets.metrics.fid import FeatureExtractor
 from magnets.metrics.reconstruction import reconstruction_fid, rfid_cache_path
 from magnets.models.tokenizer import PRETRAINED_KINDS, Tokenizer, load_pretrained_tokenizer, num_tokens, tokenizer_config
-from magnets.models.transformer import MODEL_SIZES
+from magnets.models.transformer import model_dimensions
 from magnets.runs import (
     INTERRUPTED_NAME,
     check_resume_compatible,
@@ -295,15 +295,13 @@ def token_bits_per_pixel(grid: tuple[int, ...], codebook_size: int, media: dict[
 
 
 def maskgit_model_config(cfg: DictConfig) -> dict[str, Any]:
-    """Transformer config: the size's dimensions, the widths, and what the tokenizer and data fix."""
-    if cfg.model.size not in MODEL_SIZES:
-        raise ValueError(f"unknown model size {cfg.model.size!r}; valid: {list(MODEL_SIZES)}")
+    """Transformer config: the model group's dimensions and widths, and what the tokenizer and data fix."""
     # The tokenizer's config alone fixes its grid and codebook size: no network is built for them.
     tokenizer = tokenizer_config(
         cfg.tokenizer.kind, cast(dict[str, Any], OmegaConf.to_container(cfg.tokenizer.model, resolve=True))
     )
     return {
-        **MODEL_SIZES[cfg.model.size],
+        **model_dimensions(cfg.model),
         "widths": list(cfg.model.widths),
         "codebook_size": int(tokenizer.codebook_size),
         "grid": list(tokenizer.grid),

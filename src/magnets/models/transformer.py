@@ -13,11 +13,14 @@ cache written at one width can be read at another (``magnets.decoding.cache``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from magnets.models.tokenizer import num_tokens
@@ -25,16 +28,32 @@ from magnets.models.tokenizer import num_tokens
 if TYPE_CHECKING:
     from magnets.decoding.cache import KVCache
 
-# Sizes matched one-to-one by conf/model/*.yaml: (dim, depth, heads, mlp_dim).
-MODEL_SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"dim": 96, "depth": 2, "heads": 2, "mlp_dim": 384},
-    "fmnist": {"dim": 128, "depth": 4, "heads": 2, "mlp_dim": 512},  # ~0.8 s per nested step of 128 on 2 CPU cores
-    "fmnist_paper": {"dim": 256, "depth": 4, "heads": 4, "mlp_dim": 1024},  # m_8: 32 channels; ~3.1 s per nested step of 128
-    "s": {"dim": 512, "depth": 12, "heads": 8, "mlp_dim": 2048},
-    "b": {"dim": 768, "depth": 24, "heads": 16, "mlp_dim": 3072},
-    "l": {"dim": 1024, "depth": 24, "heads": 16, "mlp_dim": 4096},
-    "xl": {"dim": 1536, "depth": 28, "heads": 24, "mlp_dim": 6144},
-}
+MODEL_DIMENSIONS = ("dim", "depth", "heads", "mlp_dim")
+"""What a model size fixes; each ``conf/model/<size>.yaml`` holds them, beside its ``size`` name and ``widths``."""
+MODEL_CONF_DIR = Path(__file__).resolve().parents[3] / "conf" / "model"
+"""The model group of the project's Hydra configs (where the entry points' ``config_path`` points too)."""
+
+
+def model_dimensions(model: Mapping[str, Any]) -> dict[str, int]:
+    """The :data:`MODEL_DIMENSIONS` of a model config (a ``conf/model`` group or a mapping with those keys)."""
+    return {key: int(model[key]) for key in MODEL_DIMENSIONS}
+
+
+def load_model_sizes(folder: Path = MODEL_CONF_DIR) -> dict[str, dict[str, int]]:
+    """Every ``<folder>/*.yaml`` model size by its ``size`` name, smallest first: its :data:`MODEL_DIMENSIONS`.
+    The YAML files are the one home of the numbers; code that names a size (the benchmark's ``flops_model``, the
+    GPU check) reads them here."""
+    sizes = {}
+    for path in folder.glob("*.yaml"):
+        fields = OmegaConf.to_container(OmegaConf.load(path))
+        if not isinstance(fields, dict) or "size" not in fields or any(k not in fields for k in MODEL_DIMENSIONS):
+            raise ValueError(f"{path}: a model size needs size and {', '.join(MODEL_DIMENSIONS)}")
+        sizes[str(fields["size"])] = model_dimensions(cast(Mapping[str, Any], fields))
+    return dict(sorted(sizes.items(), key=lambda item: (item[1]["dim"], item[1]["depth"])))
+
+
+MODEL_SIZES: dict[str, dict[str, int]] = load_model_sizes()
+"""``conf/model/*.yaml`` by size name: tiny, fmnist, fmnist_paper, s, b, l, xl."""
 
 
 @dataclass
