@@ -96,3 +96,11 @@ def test_the_sweep_folder_is_checked_too(tmp_path) -> None:
     cfg.paths.runs = str(tmp_path / "runs")
     CheckOutputs().on_multirun_start(cfg)
     assert (tmp_path / "runs" / "sweep").is_dir()
+
+
+def test_a_dataset_with_more_classes_than_num_classes_names_the_setting(tiny_cfg) -> None:
+    from magnets.pipeline import train
+
+    tiny_cfg.data.num_classes = 6  # Fashion-MNIST has 10
+    with pytest.raises(ConfigError, match=r"^data.num_classes=6 is not valid; valid: at least 10: the train split has label 9"):
+        train(tiny_cfg)

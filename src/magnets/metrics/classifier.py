@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from magnets.data.base import MediaDataModule, to_unit_float
-from magnets.errors import MismatchError
+from magnets.errors import ConfigError, MismatchError
 from magnets.files import atomic_write
 
 CHECKPOINT_FORMAT = "magnets.classifier.v1"
@@ -190,7 +190,9 @@ def fit_classifier(
             for images, labels in train_loader:
                 top_label = int(labels.max())
                 if top_label >= num_classes:
-                    raise ValueError(f"the train split has label {top_label}, which num_classes={num_classes} does not cover")
+                    raise ConfigError(
+                        "data.num_classes", num_classes, f"at least {top_label + 1}: the train split has label {top_label}"
+                    )
                 images = to_unit_float(images)  # [B, C, H, W] or [B, C, T, H, W]
                 flip = torch.rand(len(images)) < 0.5
                 flip = flip.view(-1, *[1] * (images.ndim - 1))  # [B] -> [B, 1, 1, 1(, 1)]
