@@ -1,5 +1,6 @@
 """Bad input a new user gives: each refused in one line naming the value and what would be valid, before any work."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,40 @@ def test_a_dataset_with_more_classes_than_num_classes_names_the_setting(tiny_cfg
     tiny_cfg.data.num_classes = 6  # Fashion-MNIST has 10
     with pytest.raises(ConfigError, match=r"^data.num_classes=6 is not valid; valid: at least 10: the train split has label 9"):
         train(tiny_cfg)
+
+
+def test_a_run_folder_held_by_one_run_stops_a_second_at_once(tmp_path, monkeypatch) -> None:
+    from magnets.errors import UserError
+    from magnets.runs import run_lock
+
+    for variable in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        monkeypatch.delenv(variable, raising=False)
+    with run_lock(tmp_path / "run"):
+        assert (tmp_path / "run" / ".lock").read_text() == f"pid {os.getpid()}\n"
+        with pytest.raises(UserError, match=rf"run folder .*run is being written by pid {os.getpid()}: give this run its own"):
+            with run_lock(tmp_path / "run"):
+                pass
+        monkeypatch.setenv("LOCAL_RANK", "1")  # a rank Lightning started writes where rank 0 does
+        with run_lock(tmp_path / "run"):
+            pass
+        monkeypatch.delenv("LOCAL_RANK")
+    with run_lock(tmp_path / "run"):  # released when the first run ended
+        pass
+
+
+def test_two_runs_started_in_one_second_get_two_folders(tmp_path) -> None:
+    """Each run folder is named by start time and process id (the ``${pid:}`` resolver)."""
+    script = (
+        "import sys, magnets\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "from omegaconf import OmegaConf\n"
+        f"with initialize_config_dir(config_dir={str(CONF_DIR)!r}, version_base='1.3'):\n"
+        f"    cfg = compose('config', overrides=['paths.runs={tmp_path}'], return_hydra_config=True)\n"
+        "print(OmegaConf.select(cfg, 'hydra.run.dir'))\n"
+    )
+    started = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    folders = [process.communicate(timeout=120)[0].strip() for process in started]
+    pids = [process.pid for process in started]
+    assert folders[0] != folders[1]
+    for folder, pid in zip(folders, pids, strict=True):
+        assert folder.startswith(f"{tmp_path}/default/") and folder.endswith(f"_{pid}")

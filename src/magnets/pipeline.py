@@ -69,6 +69,7 @@ from magnets.runs import (
     last_checkpoint,
     own_resume_checkpoint,
     resume_checkpoint,
+    run_lock,
     save_checkpoint_atomically,
     shard_dir,
     tokenizer_final_checkpoint,
@@ -560,6 +561,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callback's feature network); the tokenizer and its shards are skipped for
     pre-tokenized data.
     """
+    with run_lock(Path(cfg.run_dir)):  # a second process given this run's folder stops here, naming this one
+        return run_stages(cfg)
+
+
+def run_stages(cfg: DictConfig) -> dict[str, Any]:
+    """The stages of :func:`train`, in this run's folder."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     stages = list(cfg.stages)
     out: dict[str, Any] = {"tokenizer": None, "shards": {}}

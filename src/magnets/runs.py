@@ -7,15 +7,17 @@ for the tokenizer, and token shards in ``<tokenize.out_dir>/<split>``.
 
 from __future__ import annotations
 
+import fcntl
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from magnets.errors import ConfigError, MismatchError
+from magnets.errors import ConfigError, MismatchError, UserError
 from magnets.lit.checkpoints import read_checkpoint
 
 # Checkpoints a stage leaves in checkpoint_dir(): the periodic/final one, and the one written when a run crashes
@@ -131,6 +133,46 @@ def check_tokenizer_fits_model(
             f"({model_cfg.codebook_size} codes, grid {model_grid}): give the tokenizer it was trained with "
             "(tokenizer_checkpoint=null takes the one its saved config names)"
         )
+
+
+def global_rank_from_env() -> int:
+    """This process's rank in a multi-process run, from the launcher's environment (torchrun's ``RANK``, SLURM's
+    ``SLURM_PROCID``, Lightning's ``LOCAL_RANK`` for the processes it starts); 0 for a single process."""
+    for variable in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if variable in os.environ:
+            return int(os.environ[variable])
+    return 0
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``<run_dir>/.lock`` while a run writes there, so that a second run given the same folder stops at once
+    with one line naming the holder instead of mixing checkpoints and logs. Only rank 0 of a multi-process run takes
+    it (every rank writes in one folder); the operating system releases it when the process ends, however it ends."""
+    if global_rank_from_env() != 0:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / ".lock", "a+")  # noqa: SIM115 (held open for the whole run)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(
+            f"run folder {run_dir} is being written by {holder}: give this run its own folder (run_dir= or "
+            "hydra.run.dir=), or wait for that run to end"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def save_checkpoint_atomically(trainer: L.Trainer, path: Path) -> None:
