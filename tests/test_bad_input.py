@@ -142,3 +142,19 @@ def test_two_runs_started_in_one_second_get_two_folders(tmp_path) -> None:
     assert folders[0] != folders[1]
     for folder, pid in zip(folders, pids, strict=True):
         assert folder.startswith(f"{tmp_path}/default/") and folder.endswith(f"_{pid}")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("maskgit.module.lr=-1", r"^maskgit.module.lr=-1 is not valid; valid: a positive number"),
+        ("maskgit.module.label_smoothing=2", r"^maskgit.module.label_smoothing=2 is not valid; valid: a number in \[0, 1\)"),
+        ("maskgit.module.betas=[0.9]", r"^maskgit.module.betas=\[0.9\] is not valid; valid: two numbers"),
+        ("maskgit.module.warmup_steps=-5", r"^maskgit.module.warmup_steps=-5 is not valid"),
+        ("trainer.precision=bogus", r"^trainer.precision='bogus' is not valid; valid: 32-true, 32, bf16-mixed"),
+    ],
+)
+def test_bad_training_values_are_named_before_any_stage(tmp_path, override, message) -> None:
+    cfg = compose_config([override, f"paths.runs={tmp_path}", f"run_dir={tmp_path}/run"])
+    with pytest.raises(ConfigError, match=message):
+        check_train_config(cfg)

@@ -82,6 +82,35 @@ def check_accelerator(trainer: Mapping[str, Any], key: str = "trainer.accelerato
         raise ConfigError(key, accelerator, "cpu or auto: no CUDA device is available here (trainer=cpu)")
 
 
+TRAINER_PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine")
+"""Lightning's ``Trainer(precision=...)`` values (``16``/``bf16`` aliases are deprecated there)."""
+
+
+def check_unit_interval(key: str, value: Any, closed_right: bool = False) -> None:
+    """A number in ``[0, 1)`` (``[0, 1]`` with ``closed_right``)."""
+    number = not isinstance(value, bool) and isinstance(value, int | float)
+    if not number or not (0 <= value < 1 or (closed_right and value == 1)):
+        raise ConfigError(key, value, f"a number in [0, 1{']' if closed_right else ')'}")
+
+
+def check_maskgit_module(module: Mapping[str, Any], key: str = "maskgit.module") -> None:
+    """The nested MaskGIT module's optimisation settings: positive learning rate, probabilities in range."""
+    lr = module["lr"]
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or lr <= 0:
+        raise ConfigError(f"{key}.lr", lr, "a positive number, e.g. 1.0e-3")
+    check_unit_interval(f"{key}.label_smoothing", module["label_smoothing"])
+    check_unit_interval(f"{key}.label_dropout", module["label_dropout"])
+    check_unit_interval(f"{key}.weight_decay", module["weight_decay"])
+    betas = list(module["betas"])
+    if len(betas) != 2:
+        raise ConfigError(f"{key}.betas", betas, "two numbers in [0, 1), e.g. [0.9, 0.96]")
+    for beta in betas:
+        check_unit_interval(f"{key}.betas", beta)
+    if isinstance(module["warmup_steps"], bool) or not isinstance(module["warmup_steps"], int) or module["warmup_steps"] < 0:
+        raise ConfigError(f"{key}.warmup_steps", module["warmup_steps"], "a non-negative integer")
+    check_choice(f"{key}.mask_schedule", module["mask_schedule"], sorted(MASK_SCHEDULES))
+
+
 def check_decode(decode: Mapping[str, Any], key: str = "decode") -> None:
     """The ``decode`` group: sampling settings, cache mode and refresh period, and the decode policies."""
 
@@ -245,6 +274,8 @@ def check_train_config(cfg: DictConfig) -> None:
     check_choice("distill.mode", cfg.distill.mode, DISTILL_MODES)
     check_choice("logger.kind", cfg.logger.kind, LOGGERS)
     check_decode(cfg.decode)
+    check_maskgit_module(cfg.maskgit.module)
+    check_choice("trainer.precision", str(cfg.trainer.precision), TRAINER_PRECISIONS)
     check_positive_int("maskgit.batch_size", cfg.maskgit.batch_size)
     check_positive_int("maskgit.trainer.max_steps", cfg.maskgit.trainer.max_steps)
     check_choice("maskgit.module.compile", cfg.maskgit.module.compile, [True, False])
