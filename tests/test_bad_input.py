@@ -158,3 +158,13 @@ def test_bad_training_values_are_named_before_any_stage(tmp_path, override, mess
     cfg = compose_config([override, f"paths.runs={tmp_path}", f"run_dir={tmp_path}/run"])
     with pytest.raises(ConfigError, match=message):
         check_train_config(cfg)
+
+
+def test_a_nested_schedule_on_a_single_width_checkpoint_names_the_schedule_that_decodes_it() -> None:
+    from magnets.cli import check_schedule
+
+    with pytest.raises(ConfigError, match=r"^schedule.widths=\[8, 4, 2, 1\] is not valid; .*\[8\] \(one width: schedule=m8_12"):
+        check_schedule("magnets_3333", [8])
+    with pytest.raises(ConfigError, match=r"\(one width: schedule=maskgit_12 decodes it\)"):
+        check_schedule("magnets_3333", [1])
+    check_schedule("m8_12", [8])

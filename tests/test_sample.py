@@ -43,7 +43,7 @@ def test_sample_writes_a_class_grid_and_tokens_from_the_newest_checkpoint(tiny_c
 
     with pytest.raises(ConfigError, match=r"classes=\[12\] is not valid; valid: .*ids in 0\.\.9"):
         sample(sample_config([*base, "classes=[1,12]"]))
-    with pytest.raises(ValueError, match=r"widths \[3\] .* configured widths"):
+    with pytest.raises(ConfigError, match=r"schedule.widths=\[3, 1\] is not valid; valid: widths of the model: \[8, 4, 2, 1\]$"):
         sample(sample_config([*base, "schedule.widths=[3,1]", "schedule.steps=[6,6]"]))
 
     # Another tokenizer than the run's: a larger codebook (silently wrong pictures) or a smaller one (ids past its

@@ -157,7 +157,11 @@ def check_schedule(schedule: Any, widths: Iterable[int] | None = None, key: str 
     if widths is not None:
         unknown = [p for p in loaded.widths if p not in list(widths)]
         if unknown:
-            raise ConfigError(f"{key}.widths", list(loaded.widths), f"widths of the model: {list(widths)}")
+            valid = f"widths of the model: {list(widths)}"
+            if len(list(widths)) == 1:  # a single-width checkpoint (the distillation ablation's baselines)
+                (width,) = widths
+                valid += f" (one width: schedule={'maskgit_12' if width == 1 else f'm{width}_12'} decodes it)"
+            raise ConfigError(f"{key}.widths", list(loaded.widths), valid)
 
 
 def check_model(model: Mapping[str, Any], key: str = "model") -> None:

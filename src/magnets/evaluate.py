@@ -67,7 +67,14 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
-from magnets.cli import check_choice, check_evaluate_config, check_policy_fits, check_positive_int, run_entry
+from magnets.cli import (
+    check_choice,
+    check_evaluate_config,
+    check_policy_fits,
+    check_positive_int,
+    check_schedule,
+    run_entry,
+)
 from magnets.data.shards import TokenDataset
 from magnets.decoding.loop import DECODE_DTYPES, SamplingSettings
 from magnets.decoding.policies import policy_label, policy_slug, route_settings
@@ -325,6 +332,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model, task, run_config = load_maskgit(checkpoint, device)
     model = model.to(DECODE_DTYPES[cfg.dtype])
     schedule = load_schedule(cast(dict[str, Any], OmegaConf.to_container(cfg.schedule, resolve=True)))
+    check_schedule(cfg.schedule, model.cfg.widths)  # the checkpoint's widths: a single-width one takes no nested schedule
     width_per_step = schedule.width_per_step(model.cfg.widths)
     check_policy_fits(cfg.decode, model.cfg.widths, model.cfg.depth)
     settings = SamplingSettings.from_config(cfg.decode)

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from magnets.cli import check_policy_fits, check_sample_config, run_entry
+from magnets.cli import check_policy_fits, check_sample_config, check_schedule, run_entry
 from magnets.data.shards import TokenDataset
 from magnets.decoding.flops import decode_flops_per_sample
 from magnets.decoding.loop import DECODE_DTYPES, SamplingSettings
@@ -52,6 +52,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     model = model.to(DECODE_DTYPES[cfg.dtype])
     model_cfg = model.cfg
     schedule = load_schedule(cast(dict[str, Any], OmegaConf.to_container(cfg.schedule, resolve=True)))
+    check_schedule(cfg.schedule, model_cfg.widths)  # the checkpoint's widths: a single-width one takes no nested schedule
     width_per_step = schedule.width_per_step(model_cfg.widths)
     check_policy_fits(cfg.decode, model_cfg.widths, model_cfg.depth)
     settings = SamplingSettings.from_config(cfg.decode)
