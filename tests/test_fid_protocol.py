@@ -258,6 +258,18 @@ def test_interrupted_evaluation_resumes_to_the_unbroken_samples_and_row(
     assert generate_calls == [] and not resumed_folder.exists()
     assert again["fid"] == unbroken["fid"] and again["reference"] == stats_file.name
 
+    # An export that fails after sampling appends no row (everything a row refers to is written first), so the
+    # rerun appends it once.
+    before = read_rows(tmp_path / "resumed" / "results.csv")
+
+    def failing_export(chunks, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(evaluate_module, "export_adm_npz", failing_export)
+    with pytest.raises(OSError, match="disk full"):
+        run("resumed", f"export_npz={tmp_path / 'again.npz'}")
+    assert read_rows(tmp_path / "resumed" / "results.csv") == before
+
 
 class FakeShard:
     """What decode_conditions reads of a token shard: tokens [S, N], labels [S], its length."""

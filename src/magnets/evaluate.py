@@ -436,14 +436,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"{description}, {len(seeds)} seeds {seeds}: {frechet_label(extractor)} {mean[metric]:.2f} ± {std[metric]:.2f}, "
             f"{mean['gflops_per_sample']:.3f} ± {std['gflops_per_sample']:.3f} GFLOPs/sample (mean ± std)"
         )
-    append_results(results, rows)
-    print(f"{len(rows)} row(s) appended to {results}")
-    for (_, chunks), seed in zip(measured, seeds, strict=True):
-        if cfg.export_npz is not None:
+    # Everything a row refers to is written before the row: a failed export leaves results.csv as it was, so the
+    # natural rerun (which reuses the cached samples) appends the row once.
+    if cfg.export_npz is not None:
+        for (_, chunks), seed in zip(measured, seeds, strict=True):
             path = Path(cfg.export_npz)
             path = path if len(seeds) == 1 else path.with_name(f"{path.stem}_seed{seed}{path.suffix}")
             log.info("samples of seed %d in ADM's format: %s", seed, export_adm_npz(chunks, path))
-        if not cfg.keep_samples:
+    append_results(results, rows)
+    print(f"{len(rows)} row(s) appended to {results}")
+    if not cfg.keep_samples:  # only once the row is safe: a failure before it reruns from the cached chunks
+        for _, chunks in measured:
             chunks.remove()
     return rows[0] if len(seeds) == 1 else rows[-2]
 
