@@ -73,6 +73,9 @@ def test_missing_data_message_names_three_ways(tmp_path):
     assert str(tmp_path / "empty") in message  # 1. the configured directory
     assert "apt-get install dataset-fashion-mnist" in message  # 2. Debian
     assert fashion_mnist.OFFICIAL_URL in message  # 3. download
+    assert "data.module.root=DIR" in message and "data.root" not in message  # the key a user sets
+    assert str(fashion_mnist.DEBIAN_DIR) not in message  # search_debian=false: not searched, not claimed
+    assert len(message.splitlines()) == 1
 
 
 def test_download_fills_the_configured_directory(fake_fmnist, tmp_path):

@@ -113,14 +113,14 @@ def download_file(name: str, directory: Path, base_url: str = OFFICIAL_URL, time
     return atomic_write(directory / f"{name}.gz", fetch)
 
 
-def missing_data_message(root: Path, missing: list[str], download_error: str) -> str:
+def missing_data_message(searched: list[Path], root: Path, missing: list[str], base_url: str, download_error: str) -> str:
+    """One line: which files, every folder searched (only those), the download tried, and the three ways to get them."""
+    looked = " and ".join(str(folder) for folder in searched)
     return (
-        f"Fashion-MNIST files not found: {', '.join(missing)}.\n"
-        f"Looked in {root} and {DEBIAN_DIR}; the download failed ({download_error}).\n"
-        "Get them in one of three ways:\n"
-        f"  1. put the four idx files (.gz or not) in {root} (or set data.root=/your/dir);\n"
-        "  2. install Debian's package: apt-get install dataset-fashion-mnist (make setup does this when run as root);\n"
-        f"  3. go online and rerun: they are downloaded from {OFFICIAL_URL} into {root}."
+        f"Fashion-MNIST files not found: {', '.join(missing)}; looked in {looked}, and the download from {base_url} "
+        f"failed ({download_error}). Put the four idx files (.gz or not) in {root} (or set data.module.root=DIR), "
+        "install Debian's package (apt-get install dataset-fashion-mnist; make setup does this as root), "
+        f"or go online and rerun: they are downloaded from {OFFICIAL_URL} into data.module.root"
     )
 
 
@@ -133,7 +133,7 @@ def locate(root: Path, base_url: str = OFFICIAL_URL, search_debian: bool = True)
         try:
             found[name] = download_file(name, root, base_url)
         except (OSError, urllib.error.URLError) as err:
-            raise DataNotFoundError(missing_data_message(root, missing, str(err))) from err
+            raise DataNotFoundError(missing_data_message(search_dirs, root, missing, base_url, str(err))) from err
     return found  # type: ignore[return-value]
 
 
