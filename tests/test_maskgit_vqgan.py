@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -106,8 +107,15 @@ def test_missing_and_unreadable_files_are_clear_errors(tmp_path):
     with pytest.raises(MissingFileError, match=r"nope\.bin does not exist"):
         load_maskgit_vqgan_weights(model, tmp_path / "nope.bin")
     (tmp_path / "text.bin").write_text("not a torch file")
-    with pytest.raises(MismatchError, match=r"cannot read MaskGIT VQGAN weights file .*text\.bin"):
+    with pytest.raises(MismatchError, match=r"cannot read MaskGIT VQGAN weights file .*text\.bin") as err:
         load_maskgit_vqgan_weights(model, tmp_path / "text.bin")
+    # one line, and never torch's advice to run the file's code (weights_only=False)
+    assert "weights_only" not in str(err.value) and len(str(err.value).splitlines()) == 1
+    pickle_of_code = tmp_path / "code.bin"
+    with open(pickle_of_code, "wb") as f:
+        pickle.dump({"w": object}, f)
+    with pytest.raises(MismatchError, match=r"code\.bin as a torch state dict: not a plain tensor file \(Unsupported"):
+        load_maskgit_vqgan_weights(model, pickle_of_code)
     torch.save([1, 2], tmp_path / "list.bin")
     with pytest.raises(MismatchError, match="holds a list, not a state dict"):
         load_maskgit_vqgan_weights(model, tmp_path / "list.bin")

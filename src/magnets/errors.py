@@ -33,3 +33,16 @@ class DataNotFoundError(MissingFileError):
 
 class MismatchError(UserError, ValueError):
     """A file (checkpoint, token shard) is unreadable or was made under other settings than the config asks for."""
+
+
+def load_error_summary(err: BaseException) -> str:
+    """One line of why ``torch.load`` refused a file, without torch's advice to retry with ``weights_only=False``
+    (running a file's code is never the fix for a file that is not a weights file): the ``WeightsUnpickler`` reason
+    when there is one, else the first line of the message, with the exception's type."""
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        reason = " ".join(text.split(marker, 1)[1].split("Check the documentation", 1)[0].split())
+        return f"not a plain tensor file ({reason or 'unsupported content'})"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__

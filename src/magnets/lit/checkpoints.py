@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from magnets.errors import MismatchError, MissingFileError
+from magnets.errors import MismatchError, MissingFileError, load_error_summary
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -24,7 +24,7 @@ def read_checkpoint(path: str | Path, kind: str, map_location: str | torch.devic
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises several types for a corrupt archive
-        raise MismatchError(f"{path} is not a readable checkpoint ({err})") from err
+        raise MismatchError(f"{path} is not a readable checkpoint ({load_error_summary(err)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt.get("hyper_parameters", {}) or "state_dict" not in ckpt:
         raise MismatchError(f"{path} is not a {kind} checkpoint: it has no hyper_parameters['model'] and state_dict")
     return ckpt

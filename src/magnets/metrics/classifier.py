@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from magnets.data.base import MediaDataModule, to_unit_float
-from magnets.errors import ConfigError, MismatchError
+from magnets.errors import ConfigError, MismatchError, load_error_summary
 from magnets.files import atomic_write
 
 CHECKPOINT_FORMAT = "magnets.classifier.v1"
@@ -240,7 +240,7 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch.load raises many types (pickle, zip, EOF) on a corrupt file
-        raise ClassifierCheckpointError(f"{path}: not a readable classifier checkpoint ({type(err).__name__}: {err})") from err
+        raise ClassifierCheckpointError(f"{path}: not a readable classifier checkpoint ({load_error_summary(err)})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ClassifierCheckpointError(f"{path}: not a classifier checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")

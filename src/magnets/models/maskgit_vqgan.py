@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from magnets.errors import MismatchError, MissingFileError
+from magnets.errors import MismatchError, MissingFileError, load_error_summary
 from magnets.models.tokenizer import check_code_ids, check_media_shape
 
 MASKGIT_VQGAN_WEIGHTS = "maskgit-vqgan-imagenet-f16-256.bin"
@@ -279,7 +279,9 @@ def load_maskgit_vqgan_weights(model: MaskGITVQGAN, path: str | Path) -> MaskGIT
     try:
         loaded: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unpickling failure means: not a weights file
-        raise MismatchError(f"cannot read MaskGIT VQGAN weights file {path} as a torch state dict: {err}") from err
+        raise MismatchError(
+            f"cannot read MaskGIT VQGAN weights file {path} as a torch state dict: {load_error_summary(err)}"
+        ) from None
     if isinstance(loaded, Mapping):
         for wrapper in ("state_dict", "model"):
             if isinstance(loaded.get(wrapper), Mapping):
