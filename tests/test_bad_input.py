@@ -168,3 +168,30 @@ def test_a_nested_schedule_on_a_single_width_checkpoint_names_the_schedule_that_
     with pytest.raises(ConfigError, match=r"\(one width: schedule=maskgit_12 decodes it\)"):
         check_schedule("magnets_3333", [1])
     check_schedule("m8_12", [8])
+
+
+def test_a_failed_checkpoint_save_leaves_no_partial_file(tmp_path) -> None:
+    from magnets.runs import save_checkpoint_atomically
+
+    class Strategy:
+        def barrier(self) -> None:
+            pass
+
+    class Trainer:
+        is_global_zero = True
+        strategy = Strategy()
+
+        def __init__(self, fail: bool) -> None:
+            self.fail = fail
+
+        def save_checkpoint(self, path: Path) -> None:
+            path.write_bytes(b"half a checkpoint")
+            if self.fail:
+                raise OSError(28, "No space left on device")
+
+    target = tmp_path / "last.ckpt"
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint_atomically(Trainer(fail=True), target)
+    assert list(tmp_path.iterdir()) == []
+    save_checkpoint_atomically(Trainer(fail=False), target)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]

@@ -176,9 +176,14 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 
 def save_checkpoint_atomically(trainer: L.Trainer, path: Path) -> None:
-    """``trainer.save_checkpoint`` to a temporary name, then renamed: ``path`` appears only when complete."""
+    """``trainer.save_checkpoint`` to a temporary name, then renamed: ``path`` appears only when complete, and a save
+    that fails (a full disk, a kill signal's exception) leaves no temporary file behind."""
     tmp = path.with_name(f".{path.name}.partial")
-    trainer.save_checkpoint(tmp)  # every rank calls it; rank 0 writes
-    if trainer.is_global_zero:
-        os.replace(tmp, path)
+    try:
+        trainer.save_checkpoint(tmp)  # every rank calls it; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     trainer.strategy.barrier()
