@@ -144,6 +144,23 @@ def test_killed_and_resumed_run_continues_the_unbroken_loss_curve(tiny_cfg, tmp_
     assert torch.load(out["maskgit"]["checkpoint"], weights_only=False)["global_step"] == 6
 
 
+def test_ctrl_c_saves_the_interrupted_checkpoint_and_exits_130(tiny_cfg, caplog):
+    step = NestedMaskGITModule.training_step
+
+    def interrupt_at_step_2(self, batch, batch_idx):
+        if self.global_step == 2:
+            raise KeyboardInterrupt
+        return step(self, batch, batch_idx)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_info:
+        patch.setattr(NestedMaskGITModule, "training_step", interrupt_at_step_2)
+        train(tiny_cfg)
+    assert exit_info.value.code == 130
+    interrupted = Path(tiny_cfg.run_dir) / "checkpoints" / "interrupted.ckpt"
+    assert torch.load(interrupted, weights_only=False)["global_step"] == 2
+    assert f"interrupted (Ctrl-C) at step 2; checkpoint in {interrupted.parent}" in caplog.text
+
+
 def test_resume_names_what_is_missing(tiny_cfg):
     tiny_cfg.resume = "last"
     with pytest.raises(ConfigError, match=r"resume='last' is not valid; .*checkpoints/last.ckpt exists"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -138,6 +139,8 @@ def stage_trainer(
 # Exit status of a stage stopped by SIGTERM (128 + 15, as a shell reports a process the signal ended): a scheduler
 # must not count a preempted job as finished.
 PREEMPTED_EXIT_STATUS = 143
+# Exit status of a stage stopped by Ctrl-C (128 + SIGINT), as a shell reports it.
+INTERRUPTED_EXIT_STATUS = 130
 
 
 def fit_stage(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: Path | None) -> None:
@@ -151,6 +154,17 @@ def fit_stage(trainer: L.Trainer, module: L.LightningModule, datamodule: L.Light
     """
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SystemExit as err:
+        # Ctrl-C: Lightning saves interrupted.ckpt through OnExceptionCheckpoint, then exits with status 1.
+        if not isinstance(err.__context__, KeyboardInterrupt):
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignored further Ctrl-C while it shut down
+        stage_dir = checkpoint_dir(trainer.default_root_dir)
+        log.error(
+            "interrupted (Ctrl-C) at step %d; checkpoint in %s: rerun in this folder or with resume=last to continue",
+            trainer.global_step, stage_dir,
+        )  # fmt: skip
+        raise SystemExit(INTERRUPTED_EXIT_STATUS) from None
     except BaseException as err:
         # A scheduler signals every process of the job: DataLoader workers may die of it before the loop stops.
         if not (isinstance(err, SIGTERMException) or trainer.received_sigterm):
