@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from magnets.cli import check_train_config
 from magnets.data import fashion_mnist
@@ -159,6 +160,22 @@ def test_ctrl_c_saves_the_interrupted_checkpoint_and_exits_130(tiny_cfg, caplog)
     interrupted = Path(tiny_cfg.run_dir) / "checkpoints" / "interrupted.ckpt"
     assert torch.load(interrupted, weights_only=False)["global_step"] == 2
     assert f"interrupted (Ctrl-C) at step 2; checkpoint in {interrupted.parent}" in caplog.text
+
+
+def test_resume_takes_the_runs_folder_given_relative_or_absolute(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = OmegaConf.to_container(tiny_cfg, resolve=True)
+    tokens = Path(config["tokenize"]["out_dir"])
+    assert tokens.is_absolute()
+    checkpoint = tmp_path / "saved.ckpt"
+    for saved_out_dir in (os.path.relpath(tokens, tmp_path), "elsewhere/tokens"):
+        config["tokenize"]["out_dir"] = saved_out_dir
+        torch.save({"hyper_parameters": {"model": {}}, "state_dict": {}, "config": config}, checkpoint)
+        if saved_out_dir.startswith("elsewhere"):
+            with pytest.raises(MismatchError, match=r"other settings \(tokenize.out_dir: checkpoint elsewhere/tokens, now /"):
+                check_resume_compatible(checkpoint, tiny_cfg)
+        else:
+            check_resume_compatible(checkpoint, tiny_cfg)  # the same folder, written relative
 
 
 def test_resume_names_what_is_missing(tiny_cfg):

@@ -28,6 +28,17 @@ RESUMABLE_CHECKPOINTS = ("last.ckpt", f"{INTERRUPTED_NAME}.ckpt")
 RESUME_MUST_MATCH = ("model", "distill", "tokenizer.kind", "tokenizer.model", "data.name", "tokenize.out_dir", "seed")
 
 
+RESUME_PATH_KEYS = ("tokenize.out_dir",)
+"""Settings of :data:`RESUME_MUST_MATCH` that are paths: the same folder given relative or absolute is the same."""
+
+
+def same_setting(key: str, saved: Any, current: Any) -> bool:
+    """Whether a checkpoint's saved ``key`` equals the current one (paths compared as absolute paths)."""
+    if key in RESUME_PATH_KEYS and saved is not None and current is not None:
+        return os.path.abspath(str(saved)) == os.path.abspath(str(current))
+    return bool(saved == current)
+
+
 def tokenizer_final_checkpoint(tokenizer_dir: str | Path) -> Path:
     """Where the tokenizer stage saves its trained tokenizer."""
     return Path(tokenizer_dir) / "tokenizer.ckpt"
@@ -94,7 +105,9 @@ def check_resume_compatible(checkpoint: Path, cfg: DictConfig) -> None:
     """Refuse to resume from a checkpoint written under another model, distillation, tokenizer or data."""
     saved = OmegaConf.create(read_checkpoint(checkpoint, "MaskGIT").get("config", {}))  # a damaged file: one line
     current = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    diffs = [key for key in RESUME_MUST_MATCH if OmegaConf.select(saved, key) != OmegaConf.select(current, key)]
+    diffs = [
+        key for key in RESUME_MUST_MATCH if not same_setting(key, OmegaConf.select(saved, key), OmegaConf.select(current, key))
+    ]
     if diffs:
         details = "; ".join(f"{k}: checkpoint {OmegaConf.select(saved, k)}, now {OmegaConf.select(current, k)}" for k in diffs)
         raise MismatchError(f"cannot resume from {checkpoint}: it was trained with other settings ({details})")
