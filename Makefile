@@ -8,7 +8,7 @@ ARGS ?=
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist
 
-.PHONY: help setup data train tokenize data-check sample evaluate sweep sweep-train claims test test-fast test-slow bench bench-train bench-policies gpu-check lint tb docs docs-serve clean
+.PHONY: help setup data train tokenize data-check sample evaluate sweep sweep-train claims test test-fast test-slow mutate bench bench-train bench-policies gpu-check lint tb docs docs-serve clean
 
 help:
 	@echo "make train [EXP=fmnist] [ARGS='hydra overrides']  set up, then train experiment EXP end to end"
@@ -108,9 +108,14 @@ gpu-check:
 
 # The quality gates CI runs before the tests: lint, format, types (non-strict mypy on src/, pyproject's [tool.mypy]).
 lint: setup
-	$(VENV)/bin/ruff check src tests notebooks
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests tools notebooks
+	$(VENV)/bin/ruff format --check src tests tools
 	$(VENV)/bin/mypy
+
+# Hand-written mutants of the core modules against their tests (tools/mutate.py): the kill rate, runs/mutation.json.
+# On demand, not in CI: about 12 minutes on 2 CPU cores.
+mutate: setup
+	$(PY) tools/mutate.py $(ARGS)
 
 tb: setup
 	$(VENV)/bin/tensorboard --logdir runs

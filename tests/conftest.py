@@ -109,10 +109,21 @@ E2E_FIXTURES = {"tiny_cfg", "executed", "seeded", "trained_video_run", "video_ru
 E2E_MODULES = {"test_notebook", "test_cluster", "test_video_pipeline", "test_imagenet_pipeline", "test_train",
                "test_seeds", "test_schedule_search", "test_data_check", "test_video_generation", "test_fid_protocol",
                "test_reconstruction", "test_sample", "test_seams", "test_video_moving_fmnist"}  # fmt: skip
+# Integration tests in otherwise unit modules, each seconds long: they launch processes (DDP, parallel appends, entry
+# points), compile with torch.compile, run a model-sized network or compose every config option.
+E2E_TESTS = {"test_two_process_ddp_run_keeps_ranks_identical", "test_compiled_tokens_to_logits_decode_the_same_tokens",
+             "test_parallel_appends_keep_one_header_and_every_row", "test_every_group_option_composes",
+             "test_an_unwritable_runs_folder_ends_in_one_line_before_hydra_makes_it",
+             "test_compiled_width_losses_equal_the_eager_ones", "test_gpu_check_runs_every_part_and_writes_its_table_on_the_cpu",
+             "test_default_model_encodes_256_images_to_16x16_codes_and_back",
+             "test_video_classifier_trains_round_trips_and_extracts",
+             "test_bench_at_video_geometry_writes_the_model_b_flop_table_of_both_tasks",
+             "test_real_fmnist_fid_classifier_features", "test_two_runs_started_in_one_second_get_two_folders"}  # fmt: skip
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         module = item.module.__name__ if item.module is not None else ""
-        if module in E2E_MODULES or E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+        name = getattr(item, "originalname", item.name)  # without the parameters
+        if module in E2E_MODULES or name in E2E_TESTS or E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
