@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, REPO, compose_config
 from magnets.bench import check_bench_config
-from magnets.cli import check_train_config
+from magnets.cli import check_sample_config, check_train_config
 from magnets.errors import ConfigError
 from magnets.evaluate import check_config as check_evaluate
 from magnets.files import unwritable_reason
@@ -68,6 +68,9 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path) -> None:
     evaluate = compose_primary("evaluate", [f"paths.runs={tmp_path}", f"export_npz={blocker}/samples.npz"])
     with pytest.raises(ConfigError, match=r"^export_npz="):
         check_evaluate(evaluate)
+    sample = compose_primary("sample", [f"paths.runs={tmp_path}", f"out_dir={blocker}/grids"])
+    with pytest.raises(ConfigError, match=r"^out_dir='.*a_file/grids' is not valid; valid: a writable folder"):
+        check_sample_config(sample)
     bench = compose_primary("bench", [f"out={blocker}/bench.json"])
     with pytest.raises(ConfigError, match=r"^out='.*' is not valid; valid: a writable file path"):
         check_bench_config(bench)

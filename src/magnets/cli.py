@@ -325,6 +325,8 @@ def check_device(device: str, key: str = "device") -> None:
 def check_sample_config(cfg: DictConfig) -> None:
     check_decode_entry(cfg)
     check_positive_int("samples_per_class", cfg.samples_per_class)
+    if cfg.out_dir:  # null: the checkpoint's own run folder, written by its training
+        check_writable("out_dir", cfg.out_dir, is_dir=True)
 
 
 def check_evaluate_config(cfg: DictConfig) -> None:
