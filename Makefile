@@ -20,6 +20,7 @@ help:
 	@echo "make claims [EXP=fmnist_paper]  the paper's claims with mean ± std and verdicts from runs/EXP/results.csv"
 	@echo "make data-check EXP=ucf101_b ARGS='data.root=DIR'  read every file of every split once; report counts and bad files"
 	@echo "make docs  build the documentation site into site/ (mkdocs build --strict);  make docs-serve  serve it locally"
+	@echo "make test-fast  the unit tier (under a minute);  make mutate [ARGS='--only NAME']  mutation testing (runs/mutation.json)"
 	@echo "make tokenize | test-slow | lint | tb | clean"
 
 setup: $(STAMP) data
