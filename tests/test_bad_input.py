@@ -198,3 +198,19 @@ def test_a_failed_checkpoint_save_leaves_no_partial_file(tmp_path) -> None:
     assert list(tmp_path.iterdir()) == []
     save_checkpoint_atomically(Trainer(fail=False), target)
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_num_classes_is_checked_against_the_data_before_any_stage(tmp_path) -> None:
+    from magnets.cli import check_data
+
+    cfg = compose_config(["data.num_classes=6", f"paths.runs={tmp_path}", f"run_dir={tmp_path}/run"])
+    with pytest.raises(ConfigError, match=r"^data.num_classes=6 is not valid; valid: 10, the classes of fmnist"):
+        check_train_config(cfg)
+    lists = tmp_path / "ucf" / "ucfTrainTestlist"
+    lists.mkdir(parents=True)
+    (lists / "classInd.txt").write_bytes(b"1 ApplyEyeMakeup\r\n2 Archery\r\n3 Basketball\r\n")
+    ucf = compose_config(["experiment=ucf101_b", f"data.root={tmp_path / 'ucf'}", f"paths.runs={tmp_path}"]).data
+    with pytest.raises(ConfigError, match=r"^data.num_classes=101 is not valid; valid: 3, the classes listed in .*classInd.txt"):
+        check_data(ucf)
+    ucf.num_classes = 3
+    check_data(ucf)

@@ -41,7 +41,8 @@ def test_train_then_rerun_skips(tiny_cfg):
 
     maskgit = torch.load(out["maskgit"]["checkpoint"], map_location="cpu", weights_only=False)
     assert maskgit["global_step"] == tiny_cfg.maskgit.trainer.max_steps
-    assert maskgit["config"]["model"] == {"size": "tiny", "widths": [8, 4, 2, 1]}
+    tiny = {"size": "tiny", "dim": 96, "depth": 2, "heads": 2, "mlp_dim": 384, "widths": [8, 4, 2, 1]}  # conf/model/tiny.yaml
+    assert maskgit["config"]["model"] == tiny
     assert maskgit["hyper_parameters"]["model"]["codebook_size"] == 64
     assert {f"val/loss/p{p}" for p in (8, 4, 2, 1)} <= set(out["maskgit"]["metrics"])
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar, cast
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from magnets.data.base import DATAMODULES, SPLITS
+from magnets.data.base import DATAMODULES, FIXED_CLASS_COUNTS, SPLITS
 from magnets.decoding.loop import DECODE_DTYPES, GUIDANCE_RAMPS
 from magnets.decoding.plan import CACHE_MODES, POLICY_CACHE_MODES
 from magnets.decoding.policies import REVEALS, ROUTES
@@ -198,6 +198,24 @@ def check_data(data: Mapping[str, Any], key: str = "data") -> None:
     if not data["pretokenized"]:
         check_choice(f"{key}.name", data["name"], sorted(DATAMODULES))
     check_positive_int(f"{key}.num_classes", data["num_classes"])
+    fixed = FIXED_CLASS_COUNTS.get(data["name"])
+    if fixed is not None and data["num_classes"] != fixed:
+        raise ConfigError(f"{key}.num_classes", data["num_classes"], f"{fixed}, the classes of {data['name']}")
+    if data["name"] == "ucf101" and not data["pretokenized"]:
+        check_ucf101_classes(data, key)
+
+
+def check_ucf101_classes(data: Mapping[str, Any], key: str = "data") -> None:
+    """``data.num_classes`` against UCF101's classInd.txt, when the folder is there (a missing one is reported by the
+    data stage with how to get it)."""
+    module = data["module"]
+    split_dir = Path(module["split_dir"]) if module.get("split_dir") else Path(module["root"]) / "ucfTrainTestlist"
+    class_index = split_dir / "classInd.txt"
+    if not class_index.is_file():
+        return
+    classes = sum(1 for line in class_index.read_text().splitlines() if line.strip())
+    if classes != data["num_classes"]:
+        raise ConfigError(f"{key}.num_classes", data["num_classes"], f"{classes}, the classes listed in {class_index}")
 
 
 STAGES = ("tokenizer", "tokenize", "classifier", "maskgit")

@@ -144,7 +144,7 @@ INTERRUPTED_EXIT_STATUS = 130
 
 
 def fit_stage(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: Path | None) -> None:
-    """``trainer.fit``, turning a preemption into a non-zero exit.
+    """``trainer.fit``, turning a preemption (exit 143) or a Ctrl-C (exit 130) into a non-zero exit.
 
     On SIGTERM Lightning stops at the next batch, its ``OnExceptionCheckpoint``
     saves ``checkpoints/interrupted.ckpt`` (:func:`stage_trainer`) and it raises
@@ -154,18 +154,15 @@ def fit_stage(trainer: L.Trainer, module: L.LightningModule, datamodule: L.Light
     """
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SystemExit as err:
-        # Ctrl-C: Lightning saves interrupted.ckpt through OnExceptionCheckpoint, then exits with status 1.
-        if not isinstance(err.__context__, KeyboardInterrupt):
-            raise
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignored further Ctrl-C while it shut down
-        stage_dir = checkpoint_dir(trainer.default_root_dir)
-        log.error(
-            "interrupted (Ctrl-C) at step %d; checkpoint in %s: rerun in this folder or with resume=last to continue",
-            trainer.global_step, stage_dir,
-        )  # fmt: skip
-        raise SystemExit(INTERRUPTED_EXIT_STATUS) from None
     except BaseException as err:
+        if isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt):
+            # Ctrl-C: Lightning saved interrupted.ckpt through OnExceptionCheckpoint, then exited with status 1.
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignored further Ctrl-C while shutting down
+            log.error(
+                "interrupted (Ctrl-C) at step %d; checkpoint in %s: rerun in this folder or with resume=last to continue",
+                trainer.global_step, checkpoint_dir(trainer.default_root_dir),
+            )  # fmt: skip
+            raise SystemExit(INTERRUPTED_EXIT_STATUS) from None
         # A scheduler signals every process of the job: DataLoader workers may die of it before the loop stops.
         if not (isinstance(err, SIGTERMException) or trainer.received_sigterm):
             raise
@@ -575,12 +572,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callback's feature network); the tokenizer and its shards are skipped for
     pre-tokenized data.
     """
-    with run_lock(Path(cfg.run_dir)):  # a second process given this run's folder stops here, naming this one
-        return run_stages(cfg)
-
-
-def run_stages(cfg: DictConfig) -> dict[str, Any]:
-    """The stages of :func:`train`, in this run's folder."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     stages = list(cfg.stages)
     out: dict[str, Any] = {"tokenizer": None, "shards": {}}
@@ -600,5 +591,6 @@ def run_stages(cfg: DictConfig) -> dict[str, Any]:
             callbacks.append(sampling_validation(cfg, out["tokenizer"], classifier))
     if "maskgit" in stages:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        out["maskgit"] = fit_maskgit(cfg, callbacks)
+        with run_lock(Path(cfg.run_dir)):  # the stage that writes the run's folder: a second process there stops
+            out["maskgit"] = fit_maskgit(cfg, callbacks)
     return out

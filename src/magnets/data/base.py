@@ -113,6 +113,10 @@ def to_unit_float(x: torch.Tensor) -> torch.Tensor:
 
 
 # data.name -> (module, class); imported on first use so that image-only runs never import decord.
+FIXED_CLASS_COUNTS: dict[str, int] = {"fmnist": 10, "moving_fmnist": 10}
+"""Datasets whose class count is fixed (checked against ``data.num_classes`` before any stage); the others are counted
+from their files (UCF101's classInd.txt, ImageNet's class folders)."""
+
 DATAMODULES: dict[str, tuple[str, str]] = {
     "fmnist": ("magnets.data.images", "FashionMNISTDataModule"),
     "imagenet": ("magnets.data.imagenet", "ImageNetDataModule"),
