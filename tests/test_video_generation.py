@@ -89,7 +89,9 @@ def logged(run_dir) -> tuple[dict[str, float], set[str]]:
 )
 def test_paper_presets_run_end_to_end_on_generated_clips_in_their_real_layouts(experiment, layout, given, tmp_path):
     data_root = generate(tmp_path / layout, layout, SPEC, synthetic_images)
-    extra = ["maskgit.trainer.precision=32-true", *(["data.module.val_size=20"] if layout == "ucf101" else [])]
+    # The generated UCF101 folder lists the 10 Fashion-MNIST classes in its classInd.txt, which data.num_classes must match.
+    ucf101 = ["data.module.val_size=20", "data.num_classes=10"]
+    extra = ["maskgit.trainer.precision=32-true", *(ucf101 if layout == "ucf101" else [])]
     cfg = shrunk(experiment, tmp_path, data_root, *extra)
     check_train_config(cfg)
     out = train(cfg)
