@@ -62,35 +62,39 @@ def compose_config(overrides: list[str]) -> DictConfig:
         return compose("config", overrides=overrides)
 
 
+def tiny_overrides(fake_fmnist: Path, runs: Path) -> list[str]:
+    """The overrides of the real default experiment shrunk to seconds: synthetic data, tiny tokenizer and model, outputs
+    in ``runs`` (the run folder is Hydra's unless a ``run_dir=`` is added)."""
+    return [
+        "experiment=fmnist",
+        "tokenizer=tiny",
+        "tokenizer_eval.enabled=false",  # the rFID floor costs seconds of Inception; test_reconstruction.py covers it
+        f"paths.runs={runs}",
+        f"data.module.root={fake_fmnist}",
+        "data.module.search_debian=false",
+        "data.module.download_url=file:///nonexistent/",
+        "data.module.val_size=20",
+        "data.module.batch_size=16",
+        "tokenize.batch_size=32",
+        "progress_refresh_rate=0",
+        "model=tiny",
+        "maskgit.batch_size=16",
+        "maskgit.checkpoint_every=2",
+        "maskgit.trainer.max_steps=4",
+        "maskgit.trainer.val_check_interval=2",
+        "trainer.log_every_n_steps=1",
+        "maskgit.module.warmup_steps=1",
+        "classifier.epochs=1",
+        "sample_validation.samples=20",
+        "sample_validation.batch_size=20",
+    ]
+
+
 @pytest.fixture
 def tiny_cfg(fake_fmnist: Path, tmp_path: Path) -> DictConfig:
-    """The real default experiment, shrunk: synthetic data, tiny tokenizer and model, outputs in tmp_path."""
-    return compose_config(
-        [
-            "experiment=fmnist",
-            "tokenizer=tiny",
-            "tokenizer_eval.enabled=false",  # the rFID floor costs seconds of Inception; test_reconstruction.py covers it
-            f"paths.runs={tmp_path / 'runs'}",
-            f"data.module.root={fake_fmnist}",
-            "data.module.search_debian=false",
-            "data.module.download_url=file:///nonexistent/",
-            "data.module.val_size=20",
-            "data.module.batch_size=16",
-            "tokenize.batch_size=32",
-            "progress_refresh_rate=0",
-            "model=tiny",
-            f"run_dir={tmp_path / 'runs' / 'fmnist' / 'run1'}",
-            "maskgit.batch_size=16",
-            "maskgit.checkpoint_every=2",
-            "maskgit.trainer.max_steps=4",
-            "maskgit.trainer.val_check_interval=2",
-            "trainer.log_every_n_steps=1",
-            "maskgit.module.warmup_steps=1",
-            "classifier.epochs=1",
-            "sample_validation.samples=20",
-            "sample_validation.batch_size=20",
-        ]
-    )
+    """The real default experiment, shrunk (:func:`tiny_overrides`), its run folder ``<tmp_path>/runs/fmnist/run1``."""
+    runs = tmp_path / "runs"
+    return compose_config([*tiny_overrides(fake_fmnist, runs), f"run_dir={runs / 'fmnist' / 'run1'}"])
 
 
 def flop_counter() -> FlopCounterMode:

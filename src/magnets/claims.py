@@ -132,13 +132,18 @@ REQUIRED_COLUMNS = ("extractor", "aggregate", "samples", "fid", "fvd", "distill"
 ``steps_per_width`` may be missing (files written before they existed)."""
 
 
+IDENTITY_COLUMNS = ("checkpoint_sha256", "tokenizer_sha256", "tokenizer_check", "extractor_sha256", "classifier_sha256")
+"""The provenance columns (read as text: an identity of digits only is not a number); absent in files of earlier
+versions, empty in their rows."""
+
+
 def read_results(path: Path) -> pd.DataFrame:
     """A results file, or :class:`ValueError` saying in one line why it cannot be one: missing, empty, not UTF-8 text,
     not CSV, or missing some of :data:`REQUIRED_COLUMNS` (named)."""
     if not path.is_file():
         raise ValueError(f"no results file at {path}: run magnets.evaluate with seeds=[...] first")
     try:
-        results = pd.read_csv(path, encoding="utf-8")
+        results = pd.read_csv(path, encoding="utf-8", dtype=dict.fromkeys(IDENTITY_COLUMNS, str))
     except pd.errors.EmptyDataError:
         raise ValueError(f"{path} is empty: not a results file written by magnets.evaluate") from None
     except UnicodeDecodeError as err:
@@ -171,7 +176,31 @@ def seed_rows(results: pd.DataFrame, extractor: str, samples: int | None) -> pd.
     # Results written before decode policies existed have no policy column: every row is a plain decode.
     rows["policy"] = rows["policy"].fillna("").astype(str) if "policy" in rows else ""
     rows["order"] = range(len(rows))
-    return rows.drop_duplicates([*CONFIG_COLUMNS, "checkpoint", "seed"], keep="last")
+    rows = rows.drop_duplicates([*CONFIG_COLUMNS, "checkpoint", "seed"], keep="last")
+    check_one_source(rows, extractor)
+    return rows
+
+
+def check_one_source(rows: pd.DataFrame, extractor: str) -> None:
+    """Refuse seed rows that are not comparable: decoded by more than one tokenizer or measured by more than one set of
+    extractor weights (by their recorded identities; rows of earlier versions record none), or decoded with a tokenizer
+    other than their checkpoint's (``tokenizer_check`` ``override``)."""
+    for column, what in (("tokenizer_sha256", "tokenizers"), ("extractor_sha256", "extractor weights")):
+        if column not in rows:
+            continue
+        found = sorted({value for value in rows[column].fillna("").astype(str) if value})
+        if len(found) > 1:
+            raise ValueError(
+                f"the {extractor} rows come from {len(found)} {what} (sha256 {', '.join(found)}): their distances do not "
+                f"compare; evaluate each into its own results= file"
+            )
+    if "tokenizer_check" in rows:
+        overridden = int((rows["tokenizer_check"].fillna("") == "override").sum())
+        if overridden:
+            raise ValueError(
+                f"{overridden} {extractor} row(s) decoded with a tokenizer other than their checkpoint's (tokenizer_check="
+                "override, from allow_tokenizer_mismatch=true): the claims compare rows of matching tokenizers only"
+            )
 
 
 def held_out_ce(checkpoint: str, width: int) -> float:

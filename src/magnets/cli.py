@@ -277,6 +277,9 @@ def check_train_config(cfg: DictConfig) -> None:
     """Everything ``python -m magnets.train`` reads, before any stage starts."""
     check_stages(cfg.stages)
     check_seed("seed", cfg.seed)
+    check_seed("classifier.seed", cfg.classifier.seed)
+    if "seed" in cfg.tokenizer:  # trained kinds; a pretrained tokenizer is not trained here
+        check_seed("tokenizer.seed", cfg.tokenizer.seed)
     check_accelerator(cfg.trainer)
     if cfg.trainer.strategy == "fsdp" and cfg.trainer.accelerator == "cpu":
         raise ConfigError("trainer.accelerator", "cpu", "gpu or auto: Lightning's FSDP runs on CUDA only (trainer=ddp on CPUs)")
@@ -319,8 +322,9 @@ def check_train_config(cfg: DictConfig) -> None:
 
 
 def check_decode_entry(cfg: DictConfig) -> None:
-    """What ``sample`` and ``evaluate`` share: schedule, decode settings, batch size, device, seed."""
+    """What ``sample`` and ``evaluate`` share: schedule, decode settings, batch size, device, seed, tokenizer override."""
     check_schedule(cfg.schedule)
+    check_choice("allow_tokenizer_mismatch", cfg.allow_tokenizer_mismatch, [True, False])
     check_decode(cfg.decode)
     check_seed("seed", cfg.seed)
     check_positive_int("batch_size", cfg.batch_size)

@@ -94,7 +94,7 @@ from magnets.evaluation import (
     reference_items,
     split_reference,
 )
-from magnets.files import file_sha256
+from magnets.files import atomic_write_text, file_sha256
 from magnets.lit.maskgit import load_maskgit
 from magnets.lit.tokenizer import load_tokenizer
 from magnets.media import save_media
@@ -109,6 +109,7 @@ from magnets.metrics.extractors import (
 from magnets.metrics.fid import FeatureExtractor, FeatureStats
 from magnets.metrics.reconstruction import reconstruction_fid, rfid_cache_path
 from magnets.models.tokenizer import Tokenizer
+from magnets.provenance import check_tokenizer_identity, identity, short
 from magnets.runs import check_tokenizer_fits_model, resolve_checkpoint, shard_dir, tokenizer_of_run
 from magnets.task import Task
 
@@ -118,11 +119,15 @@ RESULT_COLUMNS = (
     "experiment", "checkpoint", "distill", "task", "schedule", "widths", "steps_per_width", "cache", "guidance", "policy",
     "steps", "samples", "extractor", "reference", "seed", "aggregate", "n_seeds", "fid", "fvd", "rfid", "inception_score",
     "inception_score_std", "class_acc", "gflops_per_sample", "seconds", "git_commit", "grid",
+    "checkpoint_sha256", "tokenizer_sha256", "tokenizer_check", "extractor_sha256", "classifier_sha256",
 )  # fmt: skip
 """A row per seed (``seed`` its seed, ``aggregate`` empty, ``n_seeds`` 1); with several seeds two more, ``aggregate``
 ``mean`` and ``std`` (``seed`` empty, ``n_seeds`` their number). ``rfid``: the tokenizer's reconstruction FID (FVD).
 ``policy``: what the decode set beyond one width per step and batched guidance (``magnets.decoding.policies.policy_label``:
-routing, partial refresh, guidance apart), empty when nothing."""
+routing, partial refresh, guidance apart), empty when nothing. The ``*_sha256`` columns are the identities
+(:func:`magnets.provenance.identity`) of the files the row came from: transformer checkpoint, tokenizer, the
+extractor's weights and the classifier of ``class_acc`` (empty without one); ``tokenizer_check`` says whether the
+tokenizer is the one the checkpoint trained on (:data:`magnets.provenance.TOKENIZER_CHECKS`)."""
 
 
 def append_result(path: str | Path, row: dict[str, Any]) -> None:
@@ -149,13 +154,33 @@ def append_results(path: str | Path, rows: list[dict[str, Any]]) -> None:
             with open(path, newline="") as existing:
                 found = next(csv.reader(existing), [])
             if tuple(found) != RESULT_COLUMNS:
-                raise ValueError(f"{path} has columns {found}, not {list(RESULT_COLUMNS)}: write to another results file")
+                upgrade_columns(path, found)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, (header + lines.getvalue()).encode())
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def upgrade_columns(path: Path, found: list[str]) -> None:
+    """Rewrite the results file ``path`` (atomically; the caller holds its lock) with the columns of
+    :data:`RESULT_COLUMNS` when its header ``found`` is a subset of them (a file of an earlier version): the new cells of
+    its rows stay empty, which the claims read as unrecorded. Any other header is refused."""
+    if not set(found) < set(RESULT_COLUMNS):
+        unknown = sorted(set(found) - set(RESULT_COLUMNS))
+        raise ValueError(
+            f"{path} has columns {found}, not {list(RESULT_COLUMNS)} (unknown: {unknown}): write to another results file"
+        )
+    with open(path, newline="") as existing:
+        old_rows = list(csv.DictReader(existing))
+    new = io.StringIO()
+    writer = csv.DictWriter(new, fieldnames=RESULT_COLUMNS, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(old_rows)
+    atomic_write_text(path, new.getvalue())
+    added = [column for column in RESULT_COLUMNS if column not in found]
+    log.info("%s: added the columns %s (empty in its %d earlier rows)", path, added, len(old_rows))
 
 
 def git_commit() -> str:
@@ -329,7 +354,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     seeds = evaluation_seeds(cfg)
     device = torch.device(cfg.device)
     checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.paths.runs, cfg.name)
-    model, task, run_config = load_maskgit(checkpoint, device)
+    model, task, run_config, provenance = load_maskgit(checkpoint, device)
     model = model.to(DECODE_DTYPES[cfg.dtype])
     schedule = load_schedule(cast(dict[str, Any], OmegaConf.to_container(cfg.schedule, resolve=True)))
     check_schedule(cfg.schedule, model.cfg.widths)  # the checkpoint's widths: a single-width one takes no nested schedule
@@ -339,6 +364,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     tokenizer_path = Path(cfg.tokenizer_checkpoint or tokenizer_of_run(run_config, checkpoint, cfg.paths.runs))
     tokenizer = cast(Tokenizer, load_tokenizer(tokenizer_path, device))
     check_tokenizer_fits_model(tokenizer.codebook_size, tokenizer.grid, tokenizer_path, model.cfg, checkpoint)
+    recorded = provenance.get("tokenizer_sha256")
+    tokenizer_id, tokenizer_check = check_tokenizer_identity(recorded, tokenizer_path, checkpoint, cfg.allow_tokenizer_mismatch)
+    if tokenizer_check == "unrecorded":
+        log.warning("%s records no tokenizer (written before checkpoints did): rows say tokenizer_check=unrecorded", checkpoint)
     classifier_path = run_classifier(run_config, cfg)
     # Class accuracy needs the run's classifier; a run without one (ImageNet) is measured with another extractor only.
     has_classifier = classifier_path.is_file() or cfg.extractor.name == "domain"
@@ -416,6 +445,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "seconds": round(quality.seconds, 1),
             "git_commit": commit,
             "grid": str(grid_path.relative_to(results.parent)),
+            "checkpoint_sha256": identity(checkpoint),
+            "tokenizer_sha256": tokenizer_id,
+            "tokenizer_check": tokenizer_check,
+            "extractor_sha256": short(extractor.weights_id),
+            "classifier_sha256": identity(classifier_path) if classifier is not None else "",
         }
         real = "an unknown number of" if reference.meta.get("count") == "unknown" else str(reference.count)
         score = "" if math.isnan(quality.inception_score) else f"IS {quality.inception_score:.2f}, "

@@ -1,16 +1,24 @@
 """The stages of an experiment: tokenizer, token shards of every split, classifier, nested MaskGIT.
 
 ``train(cfg)`` runs them in order (``python -m magnets.train``). Each stage
-is skipped when its output exists and matches the config: the tokenizer when
-``<tokenizer.dir>/tokenizer.ckpt`` exists (an interrupted tokenizer run
-resumes from the newer of ``checkpoints/last.ckpt`` and
+is skipped when its output exists and matches the config, and an output that
+exists but was made under other settings is refused, naming each differing
+field (:mod:`magnets.provenance`): the tokenizer when
+``<tokenizer.dir>/tokenizer.ckpt`` exists and its saved config gives the same
+:func:`~magnets.provenance.tokenizer_training_key` (an interrupted tokenizer
+run resumes from the newer of ``checkpoints/last.ckpt`` and
 ``checkpoints/interrupted.ckpt``), a token shard when it holds this
-tokenizer's tokens, the classifier (class accuracy and FID of samples at
-validation, ``sample_validation``) when ``classifier.path`` exists. The
-nested MaskGIT stage writes to the run directory (``run_dir``);
+tokenizer's tokens (else it is rewritten), the classifier (class accuracy and
+FID of samples at validation, ``sample_validation``) when ``classifier.path``
+exists with the same :func:`~magnets.provenance.classifier_training_key`. The
+tokenizer and the classifier have their own seeds (``tokenizer.seed``,
+``classifier.seed``): the runs of a seed sweep share them. The nested MaskGIT
+stage writes to the run directory (``run_dir``) and records in each checkpoint
+the tokenizer of the tokens it trains on and the identity of each token split;
 ``resume=last`` continues the newest run of the experiment from its last
-checkpoint (step, optimizer, LR schedule, data order). Run-directory rules
-live in :mod:`magnets.runs`.
+checkpoint (step, optimizer, LR schedule, data order), refusing a checkpoint
+trained on another tokenizer's tokens. Run-directory rules live in
+:mod:`magnets.runs`.
 """
 
 from __future__ import annotations
@@ -53,19 +61,21 @@ from magnets.decoding.schedules import load_schedule
 from magnets.errors import ConfigError, DataNotFoundError, MismatchError
 from magnets.evaluation import media_key, reference_items, split_reference
 from magnets.files import atomic_write, atomic_write_json, atomic_write_text, file_sha256
-from magnets.lit.callbacks import ConfigInCheckpoint
+from magnets.lit.callbacks import ConfigInCheckpoint, ProvenanceInCheckpoint
 from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.lit.sampling_validation import SamplingValidation
 from magnets.lit.tokenizer import TokenizerModule, load_tokenizer
-from magnets.metrics.classifier import fit_classifier
+from magnets.metrics.classifier import fit_classifier, load_classifier
 from magnets.metrics.extractors import CLASSIFIER_EXTRACTORS, EXTRACTORS, build_extractor, domain_classifier_features
 from magnets.metrics.fid import FeatureExtractor
 from magnets.metrics.reconstruction import reconstruction_fid, rfid_cache_path
 from magnets.models.tokenizer import PRETRAINED_KINDS, Tokenizer, load_pretrained_tokenizer, num_tokens, tokenizer_config
 from magnets.models.transformer import model_dimensions
+from magnets.provenance import check_same_key, classifier_training_key, short, split_identity, tokenizer_training_key
 from magnets.runs import (
     INTERRUPTED_NAME,
     check_resume_compatible,
+    check_resume_tokens,
     checkpoint_dir,
     last_checkpoint,
     own_resume_checkpoint,
@@ -96,6 +106,19 @@ def check_tokenizer_matches(checkpoint: Path, kind: str, model_cfg: dict[str, An
             f"saved {[(saved or {}).get(k) for k in diffs]}, configured {[model_cfg.get(k) for k in diffs]}). "
             "Give the tokenizer a new tokenizer.name, or delete that checkpoint to retrain it."
         )
+
+
+def check_tokenizer_reusable(checkpoint: Path, cfg: DictConfig) -> None:
+    """Refuse to reuse (or resume) a trained tokenizer whose saved config gives another training key than ``cfg``:
+    other optimiser, codebook or trainer settings, seed, or data selection (a smoke run's short training)."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False).get("config")
+    remedy = (
+        f"give the tokenizer a new tokenizer.name to train one for these settings, or delete {checkpoint.parent} "
+        "to retrain it (its token shards are then rewritten)"
+    )
+    check_same_key(
+        "tokenizer", checkpoint, None if saved is None else tokenizer_training_key(saved), tokenizer_training_key(cfg), remedy
+    )
 
 
 LOGGERS = ("tensorboard", "csv")
@@ -225,8 +248,11 @@ def fit_tokenizer(cfg: DictConfig) -> Path:
     model_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.tokenizer.model, resolve=True))
     if final.exists():
         check_tokenizer_matches(final, cfg.tokenizer.kind, model_cfg)
-        log.info("tokenizer %s exists; skipping its training", final)
+        check_tokenizer_reusable(final, cfg)
+        log.info("tokenizer %s exists and was trained with these settings; skipping its training", final)
         return final
+
+    L.seed_everything(cfg.tokenizer.seed, workers=True, verbose=False)  # its own seed: shared by a seed sweep
 
     datamodule = build_datamodule(cfg.data)
     # Find (or make) the data before a Trainer exists: a missing dataset is then one clear error, not a failure inside fit.
@@ -247,6 +273,7 @@ def fit_tokenizer(cfg: DictConfig) -> Path:
     resume = own_resume_checkpoint(tok_dir)
     if resume is not None:
         check_tokenizer_matches(resume, cfg.tokenizer.kind, model_cfg)
+        check_tokenizer_reusable(resume, cfg)
     fit_stage(trainer, module, datamodule, resume)
     (test_metrics,) = trainer.test(module, datamodule=datamodule)
 
@@ -336,10 +363,14 @@ def written_by_rank_zero(path: Path, write: Callable[[], None], what: str, poll_
 
 
 def fit_classifier_stage(cfg: DictConfig) -> Path:
-    """Train the data's classifier (class accuracy and domain FID of samples) unless ``cfg.classifier.path`` exists."""
+    """Train the data's classifier (class accuracy and domain FID of samples) unless ``cfg.classifier.path`` exists
+    with the same :func:`~magnets.provenance.classifier_training_key`; one made under other settings is refused."""
     path = Path(cfg.classifier.path)
+    key = classifier_training_key(cfg)
     if path.is_file():
-        log.info("classifier %s exists; skipping its training", path)
+        remedy = f"point classifier.path at another file to train one for these settings, or delete {path} to retrain it"
+        check_same_key("classifier", path, load_classifier(path).trained_with, key, remedy)
+        log.info("classifier %s exists and was trained with these settings; skipping its training", path)
         return path
 
     def write() -> None:
@@ -349,7 +380,8 @@ def fit_classifier_stage(cfg: DictConfig) -> Path:
             num_classes=cfg.data.num_classes,
             epochs=cfg.classifier.epochs,
             batch_size=cfg.classifier.batch_size,
-            seed=cfg.seed,
+            seed=cfg.classifier.seed,
+            trained_with=key,
         )
         log.info("classifier test accuracy %.4f, saved to %s", classifier.test_accuracy, path)
 
@@ -428,6 +460,37 @@ def experiment_task(cfg: DictConfig) -> Task:
     )
 
 
+def token_provenance(cfg: DictConfig) -> dict[str, Any]:
+    """What the nested MaskGIT trains on: the sha256 of the tokenizer whose tokens fill the shards, and each split's
+    :func:`~magnets.provenance.split_identity`.
+
+    Refuses train and val shards of two tokenizers, and (for data the experiment tokenizes itself) shards of another
+    tokenizer than the experiment's: left by an earlier tokenizer under the same name, they would train the transformer
+    on codes the tokenizer now decodes into other pictures.
+    """
+    tokenizers: dict[str, str] = {}
+    splits: dict[str, str] = {}
+    for split in ("train", "val"):
+        split_dir = shard_dir(cfg.tokenize.out_dir, split)
+        tokenizers[split] = read_meta(split_dir).tokenizer_sha256
+        splits[split] = split_identity(split_dir)
+    if tokenizers["train"] != tokenizers["val"]:
+        raise MismatchError(
+            f"the train and val token shards in {cfg.tokenize.out_dir} hold tokens of two tokenizers (sha256 "
+            f"{short(tokenizers['train'])} and {short(tokenizers['val'])}): rerun the tokenize stage to rewrite them"
+        )
+    if not cfg.data.pretokenized:
+        tokenizer = Path(cfg.tokenize.checkpoint or tokenizer_final_checkpoint(cfg.tokenizer.dir))
+        expected = file_sha256(tokenizer)
+        if tokenizers["train"] != expected:
+            raise MismatchError(
+                f"the token shards in {cfg.tokenize.out_dir} hold tokens of tokenizer sha256 {short(tokenizers['train'])}, "
+                f"not of {tokenizer} (sha256 {short(expected)}): run the tokenize stage (stages=[..., tokenize, ...]) "
+                "to rewrite them"
+            )
+    return {"tokenizer_sha256": tokenizers["train"], "token_splits": splits}
+
+
 def fit_maskgit(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Train the nested MaskGIT transformer on the token shards.
 
@@ -453,7 +516,12 @@ def fit_maskgit(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> 
         seed=cfg.seed,
         num_classes=model_cfg["num_classes"] or None,  # labels index the class embedding: checked when a split opens
     )
-    callbacks: list[L.Callback] = [LearningRateMonitor(logging_interval="step"), *extra_callbacks]
+    provenance = token_provenance(cfg)
+    callbacks: list[L.Callback] = [
+        LearningRateMonitor(logging_interval="step"),
+        ProvenanceInCheckpoint(provenance),
+        *extra_callbacks,
+    ]
     if cfg.maskgit.ema_decay is not None:
         callbacks.append(EMAWeightAveraging(decay=cfg.maskgit.ema_decay))
     trainer = stage_trainer(cfg, run_dir, cfg.maskgit.trainer, cfg.maskgit.checkpoint_every, callbacks)
@@ -461,6 +529,7 @@ def fit_maskgit(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> 
     resume = resume_checkpoint(cfg) or own_resume_checkpoint(run_dir)
     if resume is not None:
         check_resume_compatible(resume, cfg)
+        check_resume_tokens(resume, provenance, cfg.tokenize.out_dir)
         log.info("resuming from %s", resume)
     fit_stage(trainer, module, datamodule, resume)
     # The periodic last.ckpt may predate the final steps: save the end state explicitly.

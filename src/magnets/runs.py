@@ -8,6 +8,7 @@ for the tokenizer, and token shards in ``<tokenize.out_dir>/<split>``.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -19,6 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from magnets.errors import ConfigError, MismatchError, UserError
 from magnets.lit.checkpoints import read_checkpoint
+from magnets.provenance import short
+
+log = logging.getLogger(__name__)
 
 # Checkpoints a stage leaves in checkpoint_dir(): the periodic/final one, and the one written when a run crashes
 # or is interrupted (Lightning's OnExceptionCheckpoint adds the suffix to INTERRUPTED_NAME).
@@ -111,6 +115,21 @@ def check_resume_compatible(checkpoint: Path, cfg: DictConfig) -> None:
     if diffs:
         details = "; ".join(f"{k}: checkpoint {OmegaConf.select(saved, k)}, now {OmegaConf.select(current, k)}" for k in diffs)
         raise MismatchError(f"cannot resume from {checkpoint}: it was trained with other settings ({details})")
+
+
+def check_resume_tokens(checkpoint: Path, provenance: dict[str, Any], out_dir: str | Path) -> None:
+    """Refuse to resume from a checkpoint trained on another tokenizer's tokens than the shards in ``out_dir`` hold now
+    (``provenance``: :func:`magnets.pipeline.token_provenance`), e.g. after the tokenizer was retrained under its name."""
+    saved = read_checkpoint(checkpoint, "MaskGIT").get("provenance")
+    if saved is None:
+        log.warning("%s records no tokenizer (written before checkpoints did): its tokens cannot be checked", checkpoint)
+        return
+    if saved["tokenizer_sha256"] != provenance["tokenizer_sha256"]:
+        raise MismatchError(
+            f"cannot resume from {checkpoint}: it was trained on tokens of tokenizer sha256 {short(saved['tokenizer_sha256'])}, "
+            f"the shards in {out_dir} hold tokens of {short(provenance['tokenizer_sha256'])} (was the tokenizer retrained?): "
+            "start a new run without resume=, or point tokenize.out_dir at the shards it trained on"
+        )
 
 
 def tokenizer_of_run(run_config: dict[str, Any], checkpoint: Path, runs: str | Path) -> Path:

@@ -39,6 +39,7 @@ from magnets.lit.maskgit import load_maskgit
 from magnets.lit.tokenizer import load_tokenizer
 from magnets.media import save_media
 from magnets.models.tokenizer import Tokenizer
+from magnets.provenance import check_tokenizer_identity
 from magnets.runs import check_tokenizer_fits_model, resolve_checkpoint, shard_dir, tokenizer_of_run
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     """Decode ``samples_per_class`` samples of every class; write the grid and tokens; return a summary."""
     device = torch.device(cfg.device)
     checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.paths.runs, cfg.name)
-    model, task, run_config = load_maskgit(checkpoint, device)
+    model, task, run_config, provenance = load_maskgit(checkpoint, device)
     model = model.to(DECODE_DTYPES[cfg.dtype])
     model_cfg = model.cfg
     schedule = load_schedule(cast(dict[str, Any], OmegaConf.to_container(cfg.schedule, resolve=True)))
@@ -59,6 +60,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     tokenizer_path = cfg.tokenizer_checkpoint or tokenizer_of_run(run_config, checkpoint, cfg.paths.runs)
     tokenizer = cast(Tokenizer, load_tokenizer(tokenizer_path, device))
     check_tokenizer_fits_model(tokenizer.codebook_size, tokenizer.grid, Path(tokenizer_path), model_cfg, checkpoint)
+    recorded = provenance.get("tokenizer_sha256")
+    check_tokenizer_identity(recorded, Path(tokenizer_path), checkpoint, cfg.allow_tokenizer_mismatch)
 
     classes = list(range(model_cfg.num_classes)) if cfg.classes is None else list(cfg.classes)
     bad = [c for c in classes if not 0 <= c < model_cfg.num_classes]

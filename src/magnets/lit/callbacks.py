@@ -15,3 +15,14 @@ class ConfigInCheckpoint(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint["config"] = self.config
+
+
+class ProvenanceInCheckpoint(L.Callback):
+    """Stores what a stage's output was made from under ``checkpoint['provenance']`` in every checkpoint (for the nested
+    MaskGIT: the tokenizer of its tokens and each token split's identity, :func:`magnets.pipeline.token_provenance`)."""
+
+    def __init__(self, provenance: dict[str, Any]) -> None:
+        self.provenance = provenance
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["provenance"] = self.provenance

@@ -174,8 +174,9 @@ class NestedMaskGITModule(L.LightningModule):
 
 def load_maskgit(
     checkpoint: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[NestedTransformer, Task, dict[str, Any]]:
-    """The nested transformer of a :class:`NestedMaskGITModule` checkpoint (eval mode), its task and its saved run config."""
+) -> tuple[NestedTransformer, Task, dict[str, Any], dict[str, Any]]:
+    """The nested transformer of a :class:`NestedMaskGITModule` checkpoint (eval mode), its task, its saved run config and
+    its provenance (the tokenizer of the tokens it trained on, the token splits' identities; empty when unrecorded)."""
     ckpt = read_checkpoint(checkpoint, "nested MaskGIT", map_location)
     try:
         model = NestedTransformer(TransformerConfig(**ckpt["hyper_parameters"]["model"]))
@@ -186,4 +187,4 @@ def load_maskgit(
         raise MismatchError(
             f"{checkpoint} is not a nested MaskGIT checkpoint: its model config does not fit ({err}){hint}"
         ) from None
-    return load_model_weights(model, ckpt, checkpoint), task, ckpt.get("config", {})
+    return load_model_weights(model, ckpt, checkpoint), task, ckpt.get("config", {}), ckpt.get("provenance", {})

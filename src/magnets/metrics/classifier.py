@@ -64,6 +64,7 @@ class Classifier:
     test_accuracy: float
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     frames: int | None = None  # clips [C, frames, H, W]; None: images
+    trained_with: dict[str, Any] | None = None  # what produced it (magnets.provenance.classifier_training_key); None: unrecorded
 
     @property
     def media_kind(self) -> str:
@@ -149,6 +150,7 @@ def fit_classifier(
     batch_size: int = 128,
     seed: int = 0,
     progress: bool = True,
+    trained_with: dict[str, Any] | None = None,
 ) -> Classifier:
     """Train a classifier on ``datamodule``'s train split, test it on its test split, save it to ``out_path``.
 
@@ -156,7 +158,8 @@ def fit_classifier(
     one of :data:`VIDEO_ARCHS` (default ``video_cnn3d``). ``arch_kwargs``
     default to the chosen default arch's. AdamW with one-cycle learning rate,
     random horizontal flips (of every frame of a clip alike). Returns the
-    trained classifier (in eval mode).
+    trained classifier (in eval mode). ``trained_with``, the settings that
+    produced it, is saved with it so that a later run can tell whether it fits.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -209,7 +212,7 @@ def fit_classifier(
     if progress:
         tqdm.write(f"classifier {arch}: test accuracy {test_accuracy:.4f} after {time.perf_counter() - start:.0f} s")
 
-    classifier = Classifier(model, arch, image_size, in_chans, num_classes, test_accuracy, arch_kwargs, frames)
+    classifier = Classifier(model, arch, image_size, in_chans, num_classes, test_accuracy, arch_kwargs, frames, trained_with)
     save_classifier(classifier, out_path)
     return classifier
 
@@ -225,6 +228,7 @@ def save_classifier(classifier: Classifier, path: str | Path) -> None:
         "frames": classifier.frames,
         "num_classes": classifier.num_classes,
         "test_accuracy": classifier.test_accuracy,
+        "trained_with": classifier.trained_with,
         "state_dict": classifier.model.state_dict(),
     }
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
@@ -268,4 +272,5 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
         float(payload["test_accuracy"]),
         dict(payload["arch_kwargs"]),
         None if frames is None else int(frames),
+        payload.get("trained_with"),  # absent in checkpoints from before it was recorded
     )
