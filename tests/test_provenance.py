@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -37,6 +38,7 @@ from magnets.provenance import (
     split_identity,
     tokenizer_training_key,
 )
+from magnets.runs import resolve_checkpoint, run_lock
 from magnets.sample import sample
 
 # --- the records and checks themselves -------------------------------------------------------------------------------
@@ -158,6 +160,27 @@ def test_the_claims_refuse_rows_of_two_tokenizers_two_extractors_or_an_override(
     assert not claims_table(claim_rows([""] * 6, [""] * 6, [""] * 6), "domain").empty
 
 
+def test_resume_last_picks_the_newest_whole_checkpoint_of_a_run_no_other_process_writes(tmp_path, caplog) -> None:
+    checkpoints = {}
+    for age, run in enumerate(["running", "cut", "finished"]):  # "running" is the newest
+        folder = tmp_path / "exp" / run / "checkpoints"
+        folder.mkdir(parents=True)
+        torch.save({"step": run}, folder / "last.ckpt")
+        os.utime(folder / "last.ckpt", ns=(10**18 - age * 10**9, 10**18 - age * 10**9))
+        checkpoints[run] = folder / "last.ckpt"
+    data = checkpoints["cut"].read_bytes()
+    checkpoints["cut"].write_bytes(data[: len(data) // 2])
+    os.utime(checkpoints["cut"], ns=(10**18 - 10**9, 10**18 - 10**9))
+    with run_lock(tmp_path / "exp" / "running"):  # another run still writes there
+        assert resolve_checkpoint("last", tmp_path, "exp", key="resume") == checkpoints["finished"]
+        assert "another process is still writing that run" in caplog.text and "not a whole checkpoint" in caplog.text
+        # The resuming run's own folder (a requeued job) is not another process's; evaluate may read a running run.
+        own = tmp_path / "exp" / "running"
+        assert resolve_checkpoint("last", tmp_path, "exp", key="resume", own_run_dir=own) == checkpoints["running"]
+        assert resolve_checkpoint("last", tmp_path, "exp") == checkpoints["running"]
+    assert resolve_checkpoint("last", tmp_path, "exp", key="resume") == checkpoints["running"]  # that run ended
+
+
 # --- the three silent paths, on the tiny fixture ---------------------------------------------------------------------
 
 
@@ -170,7 +193,8 @@ def evaluate_config(runs: Path, classifier: str, *extra: str):
         )  # fmt: skip
 
 
-def test_a_retrained_tokenizer_is_refused_by_resume_and_evaluate_and_rows_name_what_made_them(tiny_cfg, tmp_path) -> None:
+def test_a_retrained_tokenizer_is_refused_by_resume_and_evaluate_and_rows_name_what_made_them(tiny_cfg, tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="magnets.data.tokenization")
     runs = Path(tiny_cfg.paths.runs)
     first = train(tiny_cfg)
     checkpoint, tokenizer = first["maskgit"]["checkpoint"], first["tokenizer"]
@@ -178,7 +202,8 @@ def test_a_retrained_tokenizer_is_refused_by_resume_and_evaluate_and_rows_name_w
     assert row["checkpoint_sha256"] == identity(checkpoint) and row["tokenizer_sha256"] == identity(tokenizer)
     assert row["tokenizer_check"] == "match"
     assert row["extractor_sha256"] == row["classifier_sha256"] == identity(tiny_cfg.classifier.path)
-    assert torch.load(checkpoint, weights_only=False)["provenance"]["tokenizer_sha256"] == file_sha256(tokenizer)
+    old_tokenizer = file_sha256(tokenizer)
+    assert torch.load(checkpoint, weights_only=False)["provenance"]["tokenizer_sha256"] == old_tokenizer
 
     # Retrain the tokenizer under its name, as the refusal of a changed tokenizer advises: the shards are rewritten.
     shutil.rmtree(Path(tiny_cfg.tokenizer.dir) / "checkpoints")
@@ -189,6 +214,8 @@ def test_a_retrained_tokenizer_is_refused_by_resume_and_evaluate_and_rows_name_w
     with pytest.raises(MismatchError, match=rf"^cannot resume from {checkpoint}: it was trained on tokens of tokenizer sha256 "):
         train(tiny_cfg)
     assert identity(tokenizer) != row["tokenizer_sha256"]  # the new tokenizer was trained and its shards written
+    shard = Path(tiny_cfg.tokenize.out_dir) / "train" / "shard-00000"
+    assert f"rewriting {shard}: tokenizer_sha256 was {old_tokenizer!r}, now {file_sha256(tokenizer)!r}" in caplog.text
 
     # evaluate pairs the old transformer with the tokenizer its config names, now another one: refused, then overridden.
     results = runs / "fmnist" / "results.csv"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,16 +83,50 @@ def own_resume_checkpoint(stage_dir: str | Path) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
 
 
-def resolve_checkpoint(checkpoint: str, runs: str | Path, name: str, key: str = "checkpoint") -> Path:
-    """``last``: the newest checkpoint of experiment ``name`` under ``runs``; anything else must be a checkpoint file."""
+def is_complete_archive(path: Path) -> bool:
+    """Whether ``path`` is a whole ``torch.save`` archive (a zip file with its index): a cut one has none."""
+    return zipfile.is_zipfile(path)
+
+
+def run_is_written_elsewhere(run_dir: Path) -> bool:
+    """Whether another process holds ``<run_dir>/.lock`` (:func:`run_lock`): that run is still being written."""
+    lock = run_dir / ".lock"
+    if not lock.is_file():
+        return False
+    with open(lock) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+def resolve_checkpoint(
+    checkpoint: str, runs: str | Path, name: str, key: str = "checkpoint", own_run_dir: str | Path | None = None
+) -> Path:
+    """``last``: the newest complete checkpoint of experiment ``name`` under ``runs``; anything else must be a checkpoint file.
+
+    With ``last``, a checkpoint cut short (not a whole archive) is passed over, and for ``resume`` (``key="resume"``)
+    so is a run another process is still writing (its folder's lock held; ``own_run_dir``, the resuming run's own
+    folder, excepted): each with a log line.
+    """
     if checkpoint == "last":
-        newest = newest_checkpoint(Path(runs, name), "*/checkpoints")
-        if newest is None:
-            raise ConfigError(
-                key, checkpoint, f"a checkpoint path, or 'last' once {Path(runs, name)}/*/checkpoints/last.ckpt exists "
-                f"(train first: make train EXP={name})"
-            )  # fmt: skip
-        return newest
+        root = Path(runs, name)
+        candidates = [p for file in RESUMABLE_CHECKPOINTS for p in root.glob(f"*/checkpoints/{file}")]
+        own = Path(own_run_dir).resolve() if own_run_dir is not None else None
+        for candidate in sorted(candidates, key=lambda p: p.stat().st_mtime_ns, reverse=True):
+            run_dir = candidate.parent.parent
+            if not is_complete_archive(candidate):
+                log.warning("%s=last: passing over %s, not a whole checkpoint (cut short?)", key, candidate)
+            elif key == "resume" and run_dir.resolve() != own and run_is_written_elsewhere(run_dir):
+                log.warning("%s=last: passing over %s, another process is still writing that run", key, candidate)
+            else:
+                return candidate
+        raise ConfigError(
+            key, checkpoint, f"a checkpoint path, or 'last' once {root}/*/checkpoints/last.ckpt exists as a whole "
+            f"checkpoint of a finished or stopped run (train first: make train EXP={name})"
+        )  # fmt: skip
     path = Path(checkpoint)
     if not path.is_file():
         raise ConfigError(key, checkpoint, "'last' or the path of an existing checkpoint file")
@@ -99,10 +134,12 @@ def resolve_checkpoint(checkpoint: str, runs: str | Path, name: str, key: str = 
 
 
 def resume_checkpoint(cfg: DictConfig) -> Path | None:
-    """The checkpoint ``cfg.resume`` names: null, ``last`` (newest of this experiment) or a path."""
+    """The checkpoint ``cfg.resume`` names: null, ``last`` (the newest complete one of this experiment, not of a run that
+    another process is writing) or a path."""
     if cfg.resume is None:
         return None
-    return resolve_checkpoint(str(cfg.resume), cfg.paths.runs, cfg.name, key="resume")
+    own_run_dir = OmegaConf.select(cfg, "run_dir", throw_on_resolution_failure=False)  # outside a Hydra app: unknown
+    return resolve_checkpoint(str(cfg.resume), cfg.paths.runs, cfg.name, key="resume", own_run_dir=own_run_dir)
 
 
 def check_resume_compatible(checkpoint: Path, cfg: DictConfig) -> None:

@@ -246,17 +246,27 @@ def encode_split(
 # Planning, skipping, finishing a split
 
 
-def shard_is_current(directory: Path, wanted: ShardMeta) -> bool:
-    """True when the shard at ``directory`` holds what ``wanted`` describes.
+def stale_reason(directory: Path, wanted: ShardMeta) -> str | None:
+    """Why the shard at ``directory`` does not hold what ``wanted`` describes, in a few words; None when it does.
 
     Every field but :data:`VOLATILE_META` and :data:`RESULT_META` must agree.
     """
+    if not (directory / "meta.json").is_file():
+        return "not written"
     try:
         meta = read_shard_meta(directory)
-    except ShardError:
-        return False
+    except ShardError as err:
+        return f"unreadable meta.json ({err})"
     found, expected = asdict(meta), asdict(wanted)
-    return all(found[key] == expected[key] for key in expected if key not in VOLATILE_META + RESULT_META)
+    stale = [key for key in expected if key not in VOLATILE_META + RESULT_META and found[key] != expected[key]]
+    if not stale:
+        return None
+    return "; ".join(f"{key} was {found[key]!r}, now {expected[key]!r}" for key in stale)
+
+
+def shard_is_current(directory: Path, wanted: ShardMeta) -> bool:
+    """True when the shard at ``directory`` holds what ``wanted`` describes (:func:`stale_reason` finds nothing)."""
+    return stale_reason(directory, wanted) is None
 
 
 @dataclass
@@ -470,7 +480,11 @@ def tokenize_splits(
     ]
     for plan in plans:
         own = list(range(rank, plan.num_shards, world_size))
-        pending = [i for i in own if not shard_is_current(plan.path(i), plan.wanted[i])]
+        reasons = {i: stale_reason(plan.path(i), plan.wanted[i]) for i in own}
+        pending = [i for i in own if reasons[i] is not None]
+        for i in pending:
+            if reasons[i] != "not written":  # a stale shard: say which field made it so
+                log.info("%s: rewriting %s: %s", plan.split, plan.path(i), reasons[i])
         if len(pending) < len(own):
             log.info(
                 "%s: %d of the %d shards of rank %d/%d are already written; skipping them",
