@@ -191,8 +191,11 @@ def test_resume_from_a_truncated_checkpoint_is_refused_before_any_stage(tiny_cfg
     saved.parent.mkdir(parents=True)
     torch.save({"state_dict": {"w": torch.zeros(64)}, "global_step": 3}, saved)
     saved.write_bytes(saved.read_bytes()[:200])  # cut, as a killed copy or a full disk leaves it
-    tiny_cfg.resume = "last"
-    with pytest.raises(MismatchError, match=r"^resume='last': .*last.ckpt is not a readable checkpoint \(truncated"):
+    tiny_cfg.resume = "last"  # the only checkpoint is cut: passed over, and named
+    with pytest.raises(ConfigError, match=r"^resume='last' is not valid; .*passed over: .*last.ckpt \(not a whole checkpoint"):
+        check_train_config(tiny_cfg)
+    tiny_cfg.resume = str(saved)
+    with pytest.raises(MismatchError, match=r"^resume='.*last.ckpt': .*last.ckpt is not a readable checkpoint \(truncated"):
         check_train_config(tiny_cfg)
     tiny_cfg.resume = str(saved)
     with pytest.raises(MismatchError, match=r"is not a readable checkpoint"):

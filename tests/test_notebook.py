@@ -417,7 +417,9 @@ def seed_rows(label: str, fids: list[float], gflops: float, extractor: str, guid
               "schedule": schedule, "widths": widths, "steps_per_width": steps_per_width, "cache": cache,
               "guidance": guidance, "policy": "", "steps": steps, "samples": 100, "extractor": extractor, "reference": "test-100",
               "aggregate": "", "n_seeds": 1, "fvd": "", "rfid": 5.0, "inception_score": "", "inception_score_std": "",
-              "class_acc": 0.5, "gflops_per_sample": gflops, "git_commit": "0123abc"}  # fmt: skip
+              "class_acc": 0.5, "gflops_per_sample": gflops, "git_commit": "0123abc", "checkpoint_sha256": "c0ffee",
+              "tokenizer_sha256": "70c0", "tokenizer_check": "match", "extractor_sha256": extractor[:4],
+              "classifier_sha256": ""}  # fmt: skip
     rows = [shared | {"seed": seed, "fid": fid, "seconds": 1.0 + seed, "grid": ""} for seed, fid in enumerate(fids)]
     assert set(rows[0]) == set(RESULT_COLUMNS)
     return rows + (aggregate_rows(rows) if len(rows) > 1 else [])

@@ -68,7 +68,8 @@ def test_sample_writes_a_class_grid_and_tokens_from_the_newest_checkpoint(tiny_c
 
 def test_sample_names_what_is_missing(tmp_path):
     with pytest.raises(
-        ConfigError, match=r"checkpoint='last' is not valid.*/nothing/\*/checkpoints/last.ckpt exists \(train first"
+        ConfigError,
+        match=r"checkpoint='last' is not valid.*/nothing/\*/checkpoints/last.ckpt exists as a whole checkpoint .*\(train first",
     ):
         sample(sample_config([f"paths.runs={tmp_path}", "name=nothing"]))
     (tmp_path / "junk.ckpt").write_bytes(b"junk")

@@ -15,7 +15,7 @@ from conftest import REPO, compose_config
 from magnets.cli import check_train_config
 from magnets.data.base import build_datamodule, to_unit_float
 from magnets.data.shards import open_shard, read_meta
-from magnets.errors import ConfigError
+from magnets.errors import ConfigError, MismatchError
 from magnets.lit.tokenizer import load_tokenizer
 from magnets.pipeline import train
 
@@ -71,10 +71,13 @@ def test_moving_fmnist_clips_to_token_shards(fake_fmnist, tmp_path):
     assert 0 < metrics["test/codebook_usage"] <= 1 and metrics["test/psnr"] > 0
     assert (tokenizer_dir / "reconstructions" / "test.gif").is_file()
 
-    # A rerun keeps the shards; another fold's split lists make new ones.
+    # A rerun keeps the shards. Another fold selects other training clips: the fold-1 tokenizer is not reused for it
+    # (its training key names the fold), and a tokenizer of its own makes new shards.
     train(cfg)
     assert read_meta(out["shards"]["test"]).created == shards["test"][1].created
-    refold = train(video_cfg(fake_fmnist, tmp_path, "data.module.fold=2"))
+    with pytest.raises(MismatchError, match=r"was trained with other settings \(data.module.fold: saved 1, now 2\)"):
+        train(video_cfg(fake_fmnist, tmp_path, "data.module.fold=2"))
+    refold = train(video_cfg(fake_fmnist, tmp_path, "data.module.fold=2", "tokenizer.name=fold2"))
     assert read_meta(refold["shards"]["test"]).media["splits"]["fold"] == 2
 
 

@@ -115,17 +115,21 @@ def resolve_checkpoint(
         root = Path(runs, name)
         candidates = [p for file in RESUMABLE_CHECKPOINTS for p in root.glob(f"*/checkpoints/{file}")]
         own = Path(own_run_dir).resolve() if own_run_dir is not None else None
+        passed_over = []
         for candidate in sorted(candidates, key=lambda p: p.stat().st_mtime_ns, reverse=True):
             run_dir = candidate.parent.parent
             if not is_complete_archive(candidate):
-                log.warning("%s=last: passing over %s, not a whole checkpoint (cut short?)", key, candidate)
+                passed_over.append(f"{candidate} (not a whole checkpoint: cut short?)")
             elif key == "resume" and run_dir.resolve() != own and run_is_written_elsewhere(run_dir):
-                log.warning("%s=last: passing over %s, another process is still writing that run", key, candidate)
+                passed_over.append(f"{candidate} (another process is still writing that run)")
             else:
+                for reason in passed_over:
+                    log.warning("%s=last: passing over %s", key, reason)
                 return candidate
+        found = f"; passed over: {', '.join(passed_over)}" if passed_over else ""
         raise ConfigError(
             key, checkpoint, f"a checkpoint path, or 'last' once {root}/*/checkpoints/last.ckpt exists as a whole "
-            f"checkpoint of a finished or stopped run (train first: make train EXP={name})"
+            f"checkpoint of a finished or stopped run (train first: make train EXP={name}){found}"
         )  # fmt: skip
     path = Path(checkpoint)
     if not path.is_file():
