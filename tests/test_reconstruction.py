@@ -132,7 +132,7 @@ def test_tokenizer_stage_writes_rfid_into_metrics(tiny_cfg):
 
 def test_tokenizer_stage_skips_rfid_when_the_extractor_takes_other_media(tiny_cfg, caplog):
     tiny_cfg.tokenizer_eval.enabled = True
-    tiny_cfg.tokenizer_eval.rfid_extractor = "video_classifier"
+    tiny_cfg.tokenizer_eval.extractor.name = "video_classifier"
     with caplog.at_level("INFO", logger="magnets.pipeline"):
         checkpoint = fit_tokenizer(tiny_cfg)
     assert "rfid" not in json.loads((checkpoint.parent / "metrics.json").read_text())

@@ -310,7 +310,7 @@ def check_train_config(cfg: DictConfig) -> None:
     if cfg.sample_validation.enabled:
         for name in cfg.sample_validation.schedules:
             check_schedule(name, key="sample_validation.schedules")
-        check_choice("sample_validation.extractor", cfg.sample_validation.extractor, ["domain", *sorted(EXTRACTORS)])
+        check_choice("sample_validation.extractor.name", cfg.sample_validation.extractor.name, ["domain", *sorted(EXTRACTORS)])
         check_positive_int("sample_validation.reference_count", cfg.sample_validation.reference_count)
         npz = cfg.sample_validation.reference_npz
         if npz is not None and not Path(npz).is_file():

@@ -99,10 +99,9 @@ from magnets.lit.maskgit import load_maskgit
 from magnets.lit.tokenizer import load_tokenizer
 from magnets.media import save_media
 from magnets.metrics.extractors import (
-    CLASSIFIER_EXTRACTORS,
-    build_extractor,
     check_extractor_fits,
     domain_classifier_features,
+    extractor_from_config,
     frechet_label,
     frechet_metric_name,
 )
@@ -205,17 +204,9 @@ def run_classifier(run_config: dict[str, Any], cfg: DictConfig) -> Path:
 
 
 def build_feature_extractor(name: str, path: str | None, classifier: Path, device: torch.device) -> FeatureExtractor:
-    """The extractor ``name`` with its file ``path``: ``domain`` (and the project's classifiers without a path) is the run's
-    classifier; ``i3d_torchscript`` needs ``path``; the Inceptions take an optional weights file."""
-    if name == "domain":
-        extractor = domain_classifier_features(classifier)
-    elif name in CLASSIFIER_EXTRACTORS:
-        extractor = build_extractor(name, path=path or classifier)
-    elif name == "i3d_torchscript":
-        extractor = build_extractor(name, path=path)
-    else:
-        extractor = build_extractor(name, **({} if path is None else {"weights_path": path}))
-    return extractor.to(device).eval()
+    """The extractor ``name`` with its file ``path`` (:func:`~magnets.metrics.extractors.extractor_from_config`), on
+    ``device`` in eval mode."""
+    return extractor_from_config(name, path, classifier).to(device).eval()
 
 
 def real_reference(run_config: dict[str, Any], cfg: DictConfig, extractor: FeatureExtractor) -> FeatureStats:

@@ -66,7 +66,12 @@ from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.lit.sampling_validation import SamplingValidation
 from magnets.lit.tokenizer import TokenizerModule, load_tokenizer
 from magnets.metrics.classifier import fit_classifier, load_classifier
-from magnets.metrics.extractors import CLASSIFIER_EXTRACTORS, EXTRACTORS, build_extractor, domain_classifier_features
+from magnets.metrics.extractors import (
+    CLASSIFIER_EXTRACTORS,
+    EXTRACTORS,
+    domain_classifier_features,
+    extractor_from_config,
+)
 from magnets.metrics.fid import FeatureExtractor
 from magnets.metrics.reconstruction import reconstruction_fid, rfid_cache_path
 from magnets.models.tokenizer import PRETRAINED_KINDS, Tokenizer, load_pretrained_tokenizer, num_tokens, tokenizer_config
@@ -292,7 +297,7 @@ def tokenizer_rfid_metrics(cfg: DictConfig, checkpoint: Path, device: torch.devi
     """The reconstruction FID of the tokenizer at ``checkpoint`` (``tokenizer_eval``) as ``metrics.json`` entries.
 
     The first ``rfid_count`` items of ``rfid_split`` are encoded and decoded on
-    ``device``; their ``rfid_extractor`` features are compared with the real
+    ``device``; their features (``tokenizer_eval.extractor``) are compared with the real
     statistics that ``python -m magnets.evaluate`` uses for that split and
     count (cached in ``<paths.runs>/fid_stats``, as is the value). Empty when
     disabled, or when the extractor takes other media than the data (clips:
@@ -301,17 +306,17 @@ def tokenizer_rfid_metrics(cfg: DictConfig, checkpoint: Path, device: torch.devi
     options = cfg.tokenizer_eval
     if not options.enabled:
         return {}
-    name = options.rfid_extractor
+    name, path = options.extractor.name, options.extractor.path
     if name not in EXTRACTORS:
-        raise ConfigError("tokenizer_eval.rfid_extractor", name, sorted(EXTRACTORS))
+        raise ConfigError("tokenizer_eval.extractor.name", name, sorted(EXTRACTORS))
     takes, data_kind = EXTRACTORS[name].media_kind, cfg.data.get("kind", "image")
     if takes != data_kind:
-        log.info("tokenizer rFID skipped: tokenizer_eval.rfid_extractor=%s takes %ss, the data are %ss", name, takes, data_kind)
+        log.info("tokenizer rFID skipped: tokenizer_eval.extractor.name=%s takes %ss, the data are %ss", name, takes, data_kind)
         return {}
-    if name in CLASSIFIER_EXTRACTORS or name == "i3d_torchscript":
-        valid = "an extractor needing no file: inception_offline, inception_fidelity"
-        raise ConfigError("tokenizer_eval.rfid_extractor", name, valid)
-    extractor = build_extractor(name).to(device)
+    if (name in CLASSIFIER_EXTRACTORS or name == "i3d_torchscript") and path is None:
+        valid = f"the file of {name} (the data's classifier is trained after the tokenizer), or an extractor needing none"
+        raise ConfigError("tokenizer_eval.extractor.path", path, valid)
+    extractor = extractor_from_config(name, path, None).to(device)
     data_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.data, resolve=True))
     split, count, batch_size = options.rfid_split, options.rfid_count, options.batch_size
     cache_dir = Path(cfg.paths.runs, "fid_stats")
@@ -389,19 +394,17 @@ def fit_classifier_stage(cfg: DictConfig) -> Path:
 
 
 def validation_extractor(cfg: DictConfig, classifier: FeatureExtractor | None) -> FeatureExtractor:
-    """The features of ``sample_validation``'s FID/FVD: the project's ``classifier`` (``extractor: domain``) or a registered
-    extractor (e.g. ``inception_offline``, the paper's FID; ``extractor_path``: weights or detector file)."""
-    options = cfg.sample_validation
-    if options.extractor == "domain":
+    """The features of ``sample_validation``'s FID/FVD (``sample_validation.extractor``, ``{name, path}``): the project's
+    ``classifier`` for ``domain`` (FID-/FVD-domain), else a registered extractor (e.g. ``inception_offline``, the
+    paper's FID)."""
+    name, path = cfg.sample_validation.extractor.name, cfg.sample_validation.extractor.path
+    if name == "domain":
         if classifier is None:
             raise ConfigError(
-                "sample_validation.extractor", "domain", f"a registered extractor: no classifier was trained ({EXTRACTORS})"
+                "sample_validation.extractor.name", "domain", f"a registered extractor: no classifier was trained ({EXTRACTORS})"
             )
         return classifier
-    path = options.extractor_path
-    if options.extractor in CLASSIFIER_EXTRACTORS or options.extractor == "i3d_torchscript":
-        return build_extractor(options.extractor, path=path)
-    return build_extractor(options.extractor, **({} if path is None else {"weights_path": path}))
+    return extractor_from_config(name, path, cfg.classifier.path)
 
 
 def sampling_validation(cfg: DictConfig, tokenizer_ckpt: Path, classifier_path: Path | None) -> SamplingValidation:
@@ -656,7 +659,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         with_classifier = "classifier" in stages and cfg.sample_validation.enabled
         classifier = fit_classifier_stage(cfg) if with_classifier else None
         validates = "maskgit" in stages and cfg.sample_validation.enabled
-        if validates and (with_classifier or cfg.sample_validation.extractor != "domain"):
+        if validates and (with_classifier or cfg.sample_validation.extractor.name != "domain"):
             callbacks.append(sampling_validation(cfg, out["tokenizer"], classifier))
     if "maskgit" in stages:
         L.seed_everything(cfg.seed, workers=True, verbose=False)

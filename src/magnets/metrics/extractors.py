@@ -52,6 +52,22 @@ def build_extractor(name: str = DEFAULT_EXTRACTOR, **kwargs) -> FeatureExtractor
     return EXTRACTORS[check_extractor_name(name)](**kwargs)
 
 
+def extractor_from_config(name: str, path: str | Path | None, classifier: str | Path | None) -> FeatureExtractor:
+    """The extractor of a ``{name, path}`` setting (``conf/extractor/``; ``extractor`` in evaluate,
+    ``sample_validation.extractor`` and ``tokenizer_eval.extractor`` in training): ``domain`` is the data's classifier at
+    ``classifier``, as are the project's classifiers without a ``path``; ``i3d_torchscript`` needs ``path``; the
+    Inceptions take an optional weights file as ``path``."""
+    if name == "domain":
+        if classifier is None:
+            raise ConfigError("extractor.name", name, f"one of {sorted(EXTRACTORS)}: there is no classifier for domain")
+        return domain_classifier_features(classifier)
+    if name in CLASSIFIER_EXTRACTORS:
+        return build_extractor(name, path=path or classifier)
+    if name == "i3d_torchscript":
+        return build_extractor(name, path=path)
+    return build_extractor(name, **({} if path is None else {"weights_path": path}))
+
+
 def media_kind(name: str) -> str:
     """``image`` or ``video``: what the extractor registered as ``name`` takes."""
     return EXTRACTORS[check_extractor_name(name)].media_kind
