@@ -79,6 +79,10 @@ def test_training_keys_leave_out_where_the_files_are_and_keep_what_selects_them(
     assert [f for f, _, _ in key_differences(classifier_training_key(run), classifier_training_key(smoke))] == [
         "data.module.subset"
     ]
+    # A tokenizer saved before tokenizer.seed existed was seeded with the run's seed, which its config records.
+    older = run | {"seed": 0, "tokenizer": {k: v for k, v in run["tokenizer"].items() if k != "seed"}}
+    assert tokenizer_training_key(older) == tokenizer_training_key(run)
+    assert key_differences(tokenizer_training_key(older | {"seed": 3}), tokenizer_training_key(run)) == [("tokenizer.seed", 3, 0)]
     shorter = run | {"tokenizer": run["tokenizer"] | {"trainer": {"max_steps": 1}}}
     assert [f for f, _, _ in key_differences(tokenizer_training_key(run), tokenizer_training_key(shorter))] == [
         "tokenizer.trainer.max_steps"

@@ -73,10 +73,10 @@ def tokenizer_training_key(config: DictConfig | dict[str, Any]) -> dict[str, Any
     data selection (``config``: a run's whole config, the current one or the one saved in a checkpoint)."""
     config = plain(config)
     tokenizer = config.get("tokenizer") or {}
-    return {
-        "tokenizer": {k: tokenizer.get(k) for k in ("kind", "model", "optim", "codebook", "trainer", "seed")},
-        "data": data_selection(config.get("data") or {}),
-    }
+    settings = {k: tokenizer.get(k) for k in ("kind", "model", "optim", "codebook", "trainer")}
+    # A tokenizer trained before tokenizer.seed existed was seeded with the run's seed: its config records that one.
+    settings["seed"] = tokenizer["seed"] if "seed" in tokenizer else config.get("seed")
+    return {"tokenizer": settings, "data": data_selection(config.get("data") or {})}
 
 
 def classifier_training_key(config: DictConfig | dict[str, Any]) -> dict[str, Any]:
