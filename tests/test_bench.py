@@ -7,15 +7,17 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR
-from magnets.bench import bench_decode, bench_geometry, bench_model_config, bench_train, check_bench_config, run_bench, write_json
+from magnets.bench import check_bench_config, run_bench
+from magnets.benchmarks import bench_decode, bench_geometry, bench_model_config, bench_train, write_json
+from magnets.choices import CACHE_MODES, MODEL_SIZES
 from magnets.cli import run_entry
 from magnets.decoding.flops import decode_flops_per_sample, forward_flops, nested_training_flop_ratio
 from magnets.decoding.loop import SamplingSettings
-from magnets.decoding.plan import CACHE_MODES, plan_decode
+from magnets.decoding.plan import plan_decode
 from magnets.decoding.schedules import load_schedule, shipped_schedules
 from magnets.errors import ConfigError
 from magnets.models.tokenizer import tokenizer_config
-from magnets.models.transformer import MODEL_SIZES, TransformerConfig
+from magnets.models.transformer import TransformerConfig
 from magnets.task import build_task
 
 

@@ -18,7 +18,7 @@ from magnets.claims import (
     main,
     search_table,
 )  # fmt: skip
-from magnets.evaluate import RESULT_COLUMNS
+from magnets.results import RESULT_COLUMNS
 
 GFLOPS = {"maskgit_12": 1.2, "magnets_3333": 0.4, "scale_down_3333": 0.4, "abrupt_6006": 0.45, "m8_12": 0.1}
 WIDTHS = {"maskgit_12": "1", "maskgit_4": "1", "m2_12": "2", "m8_12": "8", "scale_down_3333": "1-2-4-8"}

@@ -8,11 +8,11 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, REPO, compose_config
+from magnets.choices import MODEL_SIZES
 from magnets.cli import check_decode, check_model, check_policy_fits, check_train_config
 from magnets.decoding.schedules import load_schedule
 from magnets.errors import ConfigError
 from magnets.models.tokenizer import tokenizer_config
-from magnets.models.transformer import MODEL_SIZES
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "experiment")
 OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF_DIR / group).glob("*.yaml"))]
@@ -97,3 +97,54 @@ def test_model_widths_any_distinct_divisors(widths):
 def test_model_widths_refused_naming_the_valid_ones(widths):
     with pytest.raises(ConfigError, match=r"model\.widths.*distinct positive divisors of dim=128"):
         check_model({"size": "fmnist", **MODEL_SIZES["fmnist"], "widths": widths})
+
+
+def test_the_registries_hold_exactly_the_listed_choices() -> None:
+    """The config checks read names from magnets.choices; the modules that act on them register those names."""
+    from magnets import choices
+    from magnets.decoding.loop import DECODE_DTYPES
+    from magnets.masking import MASK_SCHEDULES
+    from magnets.metrics.extractors import EXTRACTORS
+
+    assert tuple(MASK_SCHEDULES) == choices.MASK_SCHEDULES
+    assert tuple(EXTRACTORS) == choices.EXTRACTORS
+    assert tuple(DECODE_DTYPES) == choices.DECODE_DTYPES
+
+
+CHECK_WITHOUT_TORCH = """
+import sys
+from hydra import compose, initialize_config_dir
+from magnets.errors import ConfigError
+import magnets.bench, magnets.evaluate, magnets.sample, magnets.tokenize, magnets.train
+checks = [("config", magnets.train.check_train_config, "seed=abc"), ("config", magnets.tokenize.check_tokenize_config,
+          "tokenize.batch_size=0"), ("evaluate", magnets.evaluate.check_config, "samples=0"),
+          ("sample", magnets.sample.check_sample_config, "dtype=bogus"), ("bench", magnets.bench.check_bench_config,
+          "batch_size=0")]
+with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
+    for primary, check, override in checks:
+        try:
+            check(compose(primary, overrides=[override, "run_dir=/nowhere"] if primary == "config" else [override]))
+        except ConfigError as err:
+            print(err)
+heavy = sorted(name for name in ("torch", "lightning", "timm", "torchvision") if name in sys.modules)
+print("heavy:", heavy)
+"""
+
+
+def test_entry_points_report_a_bad_value_before_importing_torch_or_lightning() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK_WITHOUT_TORCH, str(CONF_DIR)], capture_output=True, text=True, timeout=120
+    )
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 0, result.stderr
+    assert lines[:5] == [
+        "seed='abc' is not valid; valid: a non-negative integer, e.g. 0",
+        "tokenize.batch_size=0 is not valid; valid: a positive integer",
+        "samples=0 is not valid; valid: a positive integer",
+        "dtype='bogus' is not valid; valid: float32, bfloat16, float16",
+        "batch_size=0 is not valid; valid: a positive integer",
+    ]
+    assert lines[5] == "heavy: []"

@@ -15,13 +15,14 @@ from omegaconf import OmegaConf
 
 import test_decoding as decoding_tests
 from conftest import CONF_DIR
-from magnets.bench import bench_decode, bench_train
+from magnets.benchmarks import bench_decode, bench_train
+from magnets.choices import MODEL_SIZES
 from magnets.decoding.cache import build_tokens_to_logits
 from magnets.decoding.loop import SamplingSettings, decode
 from magnets.decoding.schedules import ModelSchedule
 from magnets.lit.maskgit import NestedMaskGITModule
 from magnets.masking import random_training_mask
-from magnets.models.transformer import MODEL_SIZES, NestedTransformer
+from magnets.models.transformer import NestedTransformer
 
 pytestmark = [
     pytest.mark.gpu,

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from conftest import flop_counter
+from magnets.choices import CACHE_MODES
 from magnets.decoding.cache import ascending_positions, build_tokens_to_logits
 from magnets.decoding.flops import decode_flops_per_sample
 from magnets.decoding.loop import SamplingSettings, decode
-from magnets.decoding.plan import CACHE_MODES, plan_decode
+from magnets.decoding.plan import plan_decode
 from magnets.decoding.schedules import ModelSchedule
 from magnets.masking import decode_masked_counts
 from magnets.models.transformer import NestedTransformer, TransformerConfig

@@ -13,8 +13,9 @@ from hydra import compose, initialize_config_dir
 from conftest import CONF_DIR
 from magnets.cli import check_evaluate_config
 from magnets.errors import ConfigError
-from magnets.evaluate import RESULT_COLUMNS, append_result, evaluate
+from magnets.evaluate import evaluate
 from magnets.pipeline import train
+from magnets.results import RESULT_COLUMNS, append_result
 
 
 def row(i: int) -> dict:

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 from torchmetrics.image.inception import InceptionScore
 
-import magnets.evaluate as evaluate_module
+import magnets.evaluation as evaluation_module
 from conftest import CONF_DIR
 from magnets.cli import check_evaluate_config
 from magnets.errors import ConfigError, MismatchError
@@ -206,13 +206,13 @@ def test_interrupted_evaluation_resumes_to_the_unbroken_samples_and_row(
             return evaluate(compose("evaluate", overrides=overrides))
 
     generate_calls = []
-    original_generate = evaluate_module.generate_samples
+    original_generate = evaluation_module.generate_samples
 
     def counted_generate(*args, **kwargs):
         generate_calls.append(args[3].labels[0].item())  # the first label of each chunk's conditions
         return original_generate(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "generate_samples", counted_generate)
+    monkeypatch.setattr(evaluation_module, "generate_samples", counted_generate)
     unbroken = run("unbroken", f"export_npz={tmp_path / 'samples.npz'}")
     assert len(generate_calls) == 4  # chunks of 8, 8, 8 and 6 samples
     (folder,) = (tmp_path / "unbroken" / "samples").iterdir()
@@ -265,7 +265,7 @@ def test_interrupted_evaluation_resumes_to_the_unbroken_samples_and_row(
     def failing_export(chunks, path):
         raise OSError("disk full")
 
-    monkeypatch.setattr(evaluate_module, "export_adm_npz", failing_export)
+    monkeypatch.setattr(evaluation_module, "export_adm_npz", failing_export)
     with pytest.raises(OSError, match="disk full"):
         run("resumed", f"export_npz={tmp_path / 'again.npz'}")
     assert read_rows(tmp_path / "resumed" / "results.csv") == before

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from conftest import flop_counter
+from magnets.choices import CACHE_MODES
 from magnets.decoding.cache import build_tokens_to_logits
 from magnets.decoding.flops import decode_flops_per_sample
 from magnets.decoding.loop import SamplingSettings, decode
-from magnets.decoding.plan import CACHE_MODES, plan_decode
+from magnets.decoding.plan import plan_decode
 from magnets.decoding.schedules import ModelSchedule
 from magnets.errors import ConfigError
 from magnets.evaluation import DecodeConditions, generate_samples

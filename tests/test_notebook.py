@@ -409,7 +409,7 @@ SIGNIFICANT = {frozenset((A[0], B[0])), frozenset((A[0], E[0])), frozenset((B[0]
 
 def seed_rows(label: str, fids: list[float], gflops: float, extractor: str, guidance: float = 2.0) -> list[dict]:
     """Rows as `python -m magnets.evaluate seeds=[...]` writes them: one per seed, then mean and std with several."""
-    from magnets.evaluate import RESULT_COLUMNS, aggregate_rows
+    from magnets.results import RESULT_COLUMNS, aggregate_rows
 
     schedule, cache = label.split("/")
     widths, steps_per_width, steps = LAYOUT[schedule]
@@ -429,7 +429,7 @@ def seed_rows(label: str, fids: list[float], gflops: float, extractor: str, guid
 def seeded(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
     """The notebook executed on a results.csv of seed rows and their mean and std rows: SEED_PANEL, and a panel of 24
     two-seed configurations (6 schedules x 4 cache modes) for the figure's legibility."""
-    from magnets.evaluate import append_results
+    from magnets.results import append_results
 
     tmp = tmp_path_factory.mktemp("seeds")
     results = tmp / "runs" / "fmnist" / "2025-03-01_00-00-00" / "results.csv"
@@ -487,7 +487,7 @@ WIDTH_ALONE = {8: "m8_12", 4: "m4_12", 2: "m2_12", 1: "maskgit_12"}  # the sched
 def test_distillation_per_width_figure_reads_the_held_out_ce_of_each_run(tmp_path: Path) -> None:
     """Width-alone seed rows of a progressive, a no-distillation and a single-width m_8 run (checkpoints relative to the
     repository root, as `magnets.evaluate` writes them): one panel, bars with error bars, the runs' held-out CE."""
-    from magnets.evaluate import RESULT_COLUMNS, append_results
+    from magnets.results import RESULT_COLUMNS, append_results
 
     runs = tmp_path / "runs"
     rows = []
@@ -520,7 +520,7 @@ def test_distillation_per_width_figure_reads_the_held_out_ce_of_each_run(tmp_pat
 def test_schedule_search_section_places_the_trials_against_the_shipped_front(tmp_path: Path) -> None:
     """Shipped schedules over three seeds and searched ones (search_*, the schedule search's names): one panel, the
     search table per trial, and the trials on or below the shipped front counted."""
-    from magnets.evaluate import append_results
+    from magnets.results import append_results
 
     def trial(steps: str, fids: list[float], gflops: float) -> list[dict]:  # a searched schedule's rows
         rows = seed_rows("magnets_3333/refresh_on_switch", fids, gflops, "fmnist_classifier", guidance=0.0)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from magnets.claims import Measured, claims_table, standard_error
-from magnets.evaluate import RESULT_COLUMNS
+from magnets.results import RESULT_COLUMNS
 
 
 def seed_rows(schedule: str, cache: str, fids: list[float], gflops: float, widths: str) -> list[dict]:

@@ -25,7 +25,7 @@ from conftest import CONF_DIR, REPO, tiny_overrides
 from magnets.claims import claims_table, read_results
 from magnets.data import fashion_mnist
 from magnets.errors import MismatchError
-from magnets.evaluate import RESULT_COLUMNS, append_result, evaluate
+from magnets.evaluate import evaluate
 from magnets.files import file_sha256
 from magnets.pipeline import fit_classifier_stage, train
 from magnets.provenance import (
@@ -38,6 +38,7 @@ from magnets.provenance import (
     split_identity,
     tokenizer_training_key,
 )
+from magnets.results import RESULT_COLUMNS, append_result
 from magnets.runs import resolve_checkpoint, run_lock
 from magnets.sample import sample
 

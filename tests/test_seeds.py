@@ -9,10 +9,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import magnets.evaluate as evaluate_module
+import magnets.evaluation as evaluation_module
 from conftest import CONF_DIR
+from magnets.cli import evaluation_seeds
 from magnets.errors import ConfigError
-from magnets.evaluate import RESULT_COLUMNS, SEED_METRICS, check_config, evaluate, evaluation_seeds, objectives
+from magnets.evaluate import check_config, evaluate
 from magnets.pipeline import train
+from magnets.results import RESULT_COLUMNS, SEED_METRICS, objectives
 
 
 def compose_evaluate(overrides: list[str]):
@@ -91,8 +94,8 @@ def test_three_seeds_write_seed_rows_mean_std_and_rfid(tiny_cfg, monkeypatch: py
     folders = sorted(p for p in Path(runs, "fmnist", "samples_cache").iterdir() if p.is_dir())
     assert len(folders) == 3  # the seed is part of the chunk key
     decoded = []
-    original = evaluate_module.generate_samples
-    monkeypatch.setattr(evaluate_module, "generate_samples", lambda *a, **k: decoded.append(1) or original(*a, **k))
+    original = evaluation_module.generate_samples
+    monkeypatch.setattr(evaluation_module, "generate_samples", lambda *a, **k: decoded.append(1) or original(*a, **k))
     frechet, gflops = evaluate_module.main(cfg)  # Hydra's main passes a given config through
     assert decoded == []
     assert (frechet, gflops) == objectives(summary) == (float(mean["fid"]), float(mean["gflops_per_sample"]))

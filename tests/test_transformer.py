@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from conftest import CONF_DIR, compose_config
+from magnets.choices import MODEL_SIZES, load_model_sizes
 from magnets.cli import check_model
 from magnets.errors import ConfigError
-from magnets.models.transformer import MODEL_SIZES, NestedTransformer, TransformerConfig, load_model_sizes
+from magnets.models.transformer import NestedTransformer, TransformerConfig
 from magnets.pipeline import maskgit_model_config
 
 CFG = dict(codebook_size=20, grid=[12], num_classes=5, dim=32, depth=2, heads=2, mlp_dim=48, widths=[8, 4, 2, 1])

@@ -128,7 +128,7 @@ class Measured:
 
 REQUIRED_COLUMNS = ("extractor", "aggregate", "samples", "fid", "fvd", "distill", "schedule", "cache", "guidance",
                     "widths", "seed", "checkpoint", "gflops_per_sample", "rfid")  # fmt: skip
-"""The columns of a results file (:data:`magnets.evaluate.RESULT_COLUMNS`) the claims read; ``policy`` and
+"""The columns of a results file (:data:`magnets.results.RESULT_COLUMNS`) the claims read; ``policy`` and
 ``steps_per_width`` may be missing (files written before they existed)."""
 
 

@@ -7,35 +7,49 @@ dataset, a mismatched checkpoint or shard) ends the process with
 ``error: <message>`` on stderr and exit status 2, not a traceback.
 
 The ``check_*`` functions raise :class:`magnets.errors.ConfigError` naming
-the key, the value and the valid values.
+the key, the value and the valid values. This module imports no torch or
+Lightning (the valid values are in :mod:`magnets.choices`), and the entry
+points import their work only after the check, so a bad value is reported in
+about a second; the few checks that need torch (CUDA present, a tokenizer's
+or task's geometry, a resume checkpoint) import it when they run, after the
+plain checks of the same config.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from magnets.data.base import DATAMODULES, FIXED_CLASS_COUNTS, SPLITS
-from magnets.decoding.loop import DECODE_DTYPES, GUIDANCE_RAMPS
-from magnets.decoding.plan import CACHE_MODES, POLICY_CACHE_MODES
-from magnets.decoding.policies import REVEALS, ROUTES
+from magnets.choices import (
+    CACHE_MODES,
+    DATAMODULES,
+    DECODE_DTYPES,
+    DISTILL_MODES,
+    EXTRACTORS,
+    FIXED_CLASS_COUNTS,
+    GUIDANCE_RAMPS,
+    LOGGERS,
+    MASK_SCHEDULES,
+    MODEL_DIMENSIONS,
+    MODEL_SIZES,
+    POLICY_CACHE_MODES,
+    PRETRAINED_KINDS,
+    REVEALS,
+    ROUTES,
+    SPLITS,
+    STAGES,
+    TOKENIZER_KINDS,
+    TRAINER_PRECISIONS,
+)
 from magnets.decoding.schedules import load_schedule, shipped_schedules
 from magnets.errors import ConfigError, MismatchError, UserError
 from magnets.files import unwritable_reason
-from magnets.lit.maskgit import DISTILL_MODES
-from magnets.masking import MASK_SCHEDULES
-from magnets.metrics.extractors import EXTRACTORS
-from magnets.models.tokenizer import PRETRAINED_KINDS, TOKENIZER_KINDS, tokenizer_config
-from magnets.models.transformer import MODEL_DIMENSIONS, MODEL_SIZES
-from magnets.pipeline import LOGGERS
-from magnets.runs import resume_checkpoint
-from magnets.task import build_task
 
 T = TypeVar("T")
 
@@ -75,15 +89,18 @@ def check_writable(key: str, path: Any, is_dir: bool = False) -> None:
         raise ConfigError(key, str(path), f"a writable {'folder' if is_dir else 'file path'} (here: {reason})")
 
 
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device (torch is imported here: only a config asking for a GPU pays for it)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def check_accelerator(trainer: Mapping[str, Any], key: str = "trainer.accelerator") -> None:
     """A GPU accelerator only where CUDA is available (Lightning would raise deep inside ``Trainer``)."""
     accelerator = trainer.get("accelerator", "auto")
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    if accelerator in ("gpu", "cuda") and not cuda_available():
         raise ConfigError(key, accelerator, "cpu or auto: no CUDA device is available here (trainer=cpu)")
-
-
-TRAINER_PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine")
-"""Lightning's ``Trainer(precision=...)`` values (``16``/``bf16`` aliases are deprecated there)."""
 
 
 def check_unit_interval(key: str, value: Any, closed_right: bool = False) -> None:
@@ -183,6 +200,8 @@ def check_model(model: Mapping[str, Any], key: str = "model") -> None:
 def check_tokenizer(tokenizer: Mapping[str, Any], key: str = "tokenizer") -> None:
 
     check_choice(f"{key}.kind", tokenizer["kind"], sorted(TOKENIZER_KINDS))
+    from magnets.models.tokenizer import tokenizer_config  # imports torch: after the plain checks
+
     try:
         tokenizer_config(tokenizer["kind"], tokenizer["model"])
     except ValueError as err:
@@ -218,9 +237,6 @@ def check_ucf101_classes(data: Mapping[str, Any], key: str = "data") -> None:
         raise ConfigError(f"{key}.num_classes", data["num_classes"], f"{classes}, the classes listed in {class_index}")
 
 
-STAGES = ("tokenizer", "tokenize", "classifier", "maskgit")
-
-
 def check_stages(stages: Iterable[str]) -> None:
     """``stages`` must be a prefix of :data:`STAGES` (``classifier`` may be left out: it serves sample validation only)."""
     stages = list(stages)
@@ -231,6 +247,8 @@ def check_stages(stages: Iterable[str]) -> None:
 
 def check_task(cfg: DictConfig) -> None:
     """The ``task`` group fits the tokenizer (frame prediction needs clips and whole latent frames) and the model."""
+    from magnets.task import build_task  # imports torch: after the plain checks
+
     task = build_task(
         cfg.task, cfg.tokenizer.kind, cast(dict[str, Any], OmegaConf.to_container(cfg.tokenizer.model, resolve=True))
     )
@@ -293,8 +311,6 @@ def check_train_config(cfg: DictConfig) -> None:
             check_tokenize(cfg.tokenize)
 
     check_data(cfg.data)
-    check_tokenizer(cfg.tokenizer)
-    check_task(cfg)
     check_model(cfg.model)
     check_choice("distill.mode", cfg.distill.mode, DISTILL_MODES)
     check_choice("logger.kind", cfg.logger.kind, LOGGERS)
@@ -304,9 +320,6 @@ def check_train_config(cfg: DictConfig) -> None:
     check_positive_int("maskgit.batch_size", cfg.maskgit.batch_size)
     check_positive_int("maskgit.trainer.max_steps", cfg.maskgit.trainer.max_steps)
     check_choice("maskgit.module.compile", cfg.maskgit.module.compile, [True, False])
-    resume = resume_checkpoint(cfg)  # null, or a checkpoint that exists
-    if resume is not None and not zipfile.is_zipfile(resume):  # torch.save writes a zip archive; a cut one has no index
-        raise MismatchError(f"resume={cfg.resume!r}: {resume} is not a readable checkpoint (truncated or not a torch file)")
     if cfg.sample_validation.enabled:
         for name in cfg.sample_validation.schedules:
             check_schedule(name, key="sample_validation.schedules")
@@ -319,6 +332,14 @@ def check_train_config(cfg: DictConfig) -> None:
             )
         check_positive_int("sample_validation.samples", cfg.sample_validation.samples)
         check_positive_int("sample_validation.batch_size", cfg.sample_validation.batch_size)
+    # The checks that import torch or Lightning, after every plain one.
+    check_tokenizer(cfg.tokenizer)
+    check_task(cfg)
+    from magnets.runs import resume_checkpoint  # imports Lightning
+
+    resume = resume_checkpoint(cfg)  # null, or a checkpoint that exists
+    if resume is not None and not zipfile.is_zipfile(resume):  # torch.save writes a zip archive; a cut one has no index
+        raise MismatchError(f"resume={cfg.resume!r}: {resume} is not a readable checkpoint (truncated or not a torch file)")
 
 
 def check_decode_entry(cfg: DictConfig) -> None:
@@ -336,11 +357,9 @@ def check_device(device: str, key: str = "device") -> None:
     """cpu, cuda or cuda:N (available here), or auto (cuda when available)."""
     if device == "auto":
         return
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as err:
-        raise ConfigError(key, device, "auto, cpu, cuda or cuda:N") from err
-    if parsed.type == "cuda" and not torch.cuda.is_available():
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise ConfigError(key, device, "auto, cpu, cuda or cuda:N")
+    if str(device).startswith("cuda") and not cuda_available():
         raise ConfigError(key, device, "cpu or auto (no CUDA device is available here)")
 
 
@@ -349,6 +368,25 @@ def check_sample_config(cfg: DictConfig) -> None:
     check_positive_int("samples_per_class", cfg.samples_per_class)
     if cfg.out_dir:  # null: the checkpoint's own run folder, written by its training
         check_writable("out_dir", cfg.out_dir, is_dir=True)
+
+
+def evaluation_seeds(cfg: DictConfig) -> list[int]:
+    """The seeds to evaluate: ``seeds`` when given (``repeats``, if also set, must be its length), else ``repeats``
+    consecutive seeds from ``seed``, else ``[seed]``."""
+    seeds, repeats = cfg.seeds, cfg.repeats
+    if repeats is not None:
+        check_positive_int("repeats", repeats)
+    if seeds is None:
+        return [cfg.seed] if repeats is None else list(range(cfg.seed, cfg.seed + repeats))
+    seeds = list(seeds) if isinstance(seeds, ListConfig | list | tuple) else seeds
+    valid = "null or a non-empty list of distinct integers, e.g. [0, 1, 2]"
+    if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise ConfigError("seeds", seeds, valid)
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError("seeds", seeds, f"{valid} (a seed twice would count its samples twice)")
+    if repeats is not None and repeats != len(seeds):
+        raise ConfigError("repeats", repeats, f"null or {len(seeds)}, the number of seeds={seeds} (seeds wins when both are set)")
+    return seeds
 
 
 def check_evaluate_config(cfg: DictConfig) -> None:

@@ -12,6 +12,11 @@ chunk index) alone (:func:`chunk_generator`) and its file is written
 atomically with deterministic bytes, so an interrupted evaluation resumes
 with the chunks it finished and ends with exactly the samples, files and
 metrics of an unbroken one (:func:`chunked_samples`).
+
+:func:`evaluate_checkpoint` is the work of ``python -m magnets.evaluate``
+(whose config is checked before this module, and torch, load): one decode
+configuration of a checkpoint, a row per seed appended to the results file
+(:mod:`magnets.results`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
@@ -30,19 +36,44 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
+from magnets.cli import check_policy_fits, check_schedule, evaluation_seeds
 from magnets.data.base import build_datamodule, drop_unreadable, to_unit_float
 from magnets.data.shards import TokenDataset
 from magnets.decoding.flops import decode_flops_per_sample
-from magnets.decoding.loop import SamplingSettings, decode
-from magnets.decoding.plan import StepWork
-from magnets.decoding.policies import PolicyLogits, RouteSettings, build_decode_callables
-from magnets.errors import MismatchError
-from magnets.files import atomic_write, atomic_write_text
+from magnets.decoding.loop import DECODE_DTYPES, SamplingSettings, decode
+from magnets.decoding.plan import StepWork, plan_decode
+from magnets.decoding.policies import (
+    PolicyLogits,
+    RouteSettings,
+    build_decode_callables,
+    policy_label,
+    policy_slug,
+    route_settings,
+)
+from magnets.decoding.schedules import load_schedule
+from magnets.errors import ConfigError, MismatchError
+from magnets.files import atomic_write, atomic_write_text, file_sha256
+from magnets.lit.maskgit import load_maskgit
+from magnets.lit.tokenizer import load_tokenizer
+from magnets.media import save_media
+from magnets.metrics.extractors import (
+    check_extractor_fits,
+    domain_classifier_features,
+    extractor_from_config,
+    frechet_label,
+    frechet_metric_name,
+)
 from magnets.metrics.fid import FeatureAccumulator, FeatureExtractor, FeatureStats, frechet_distance, resolve_reference
+from magnets.metrics.reconstruction import reconstruction_fid, rfid_cache_path
 from magnets.models.tokenizer import Tokenizer
 from magnets.models.transformer import NestedTransformer
+from magnets.provenance import check_tokenizer_identity, identity, short
+from magnets.results import aggregate_rows, append_results, git_commit, rounded_or_empty
+from magnets.runs import check_tokenizer_fits_model, resolve_checkpoint, shard_dir, tokenizer_of_run
 from magnets.task import Task
 
 log = logging.getLogger(__name__)
@@ -493,3 +524,323 @@ def reference_items(data_cfg: Mapping[str, Any], split: str, count: int, batch_s
         return DataLoader(subset, batch_size=batch_size, collate_fn=drop_unreadable)
 
     return items
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The work of ``python -m magnets.evaluate`` (its config is checked there, before this module loads)
+
+
+def run_classifier(run_config: dict[str, Any], cfg: DictConfig) -> Path:
+    """The domain classifier: ``cfg.classifier``, or the one the run trained (its config's ``classifier.path``)."""
+    if cfg.classifier is not None:
+        return Path(cfg.classifier)
+    path = run_config.get("classifier", {}).get("path")
+    if path is None:
+        raise ConfigError("classifier", None, "a classifier checkpoint path: the run's config names none")
+    return Path(path)
+
+
+def build_feature_extractor(name: str, path: str | None, classifier: Path, device: torch.device) -> FeatureExtractor:
+    """The extractor ``name`` with its file ``path`` (:func:`~magnets.metrics.extractors.extractor_from_config`), on
+    ``device`` in eval mode."""
+    return extractor_from_config(name, path, classifier).to(device).eval()
+
+
+def real_reference(run_config: dict[str, Any], cfg: DictConfig, extractor: FeatureExtractor) -> FeatureStats:
+    """``reference.npz``'s statistics when given, else the cached ones of the first ``reference.count`` items of the
+    real ``reference.split`` (all of it when it has fewer; the cache file is named by the count asked for)."""
+    return split_reference(
+        run_config["data"], cfg.reference.split, cfg.reference.count, cfg.reference.npz, extractor,
+        Path(cfg.paths.runs, "fid_stats"), cfg.batch_size,
+    )  # fmt: skip
+
+
+def reference_description(reference: FeatureStats, cfg: DictConfig) -> str:
+    """What the real side is, for the results row: the statistics file's name, or ``<split>-<count>``."""
+    if cfg.reference.npz is not None:
+        return Path(cfg.reference.npz).name
+    return f"{cfg.reference.split}-{reference.count}"
+
+
+def condition_shard(task: Task, run_config: dict[str, Any], cfg: DictConfig) -> TokenDataset | None:
+    """Frame prediction's real clips (the reference split's token shard) that samples decode from; None for other tasks."""
+    if not task.given_tokens:
+        return None
+    return TokenDataset(shard_dir(run_config["tokenize"]["out_dir"], cfg.reference.split))
+
+
+def sample_settings(
+    checkpoint: Path,
+    tokenizer: Path,
+    task: Task,
+    schedule_name: str,
+    width_per_step: list[int],
+    seed: int,
+    cfg: DictConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Everything that determines the generated samples but their count: the key of their chunk folder."""
+    return {
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "tokenizer_sha256": file_sha256(tokenizer),
+        "task": task.name,
+        "conditions": cfg.reference.split if task.given_tokens else "balanced_classes",
+        "schedule": schedule_name,
+        "width_per_step": list(width_per_step),
+        "decode": OmegaConf.to_container(cfg.decode, resolve=True),
+        "seed": seed,
+        "batch_size": cfg.batch_size,  # each batch draws its own random numbers: another size, other samples
+        "device": device.type,  # CPU and GPU draw other random numbers from one seed
+        "dtype": cfg.dtype,
+    }
+
+
+def tokenizer_rfid(
+    tokenizer: Tokenizer,
+    tokenizer_path: Path,
+    data_cfg: dict[str, Any],
+    extractor: FeatureExtractor,
+    reference: FeatureStats,
+    description: str,
+    cfg: DictConfig,
+) -> float:
+    """The rFID (rFVD for clips) of the tokenizer: the reference split's first ``reference.count`` real items encoded and
+    decoded, against ``reference`` (also under ``reference.npz``); NaN with ``rfid=false`` or pre-tokenized data. The floor
+    of the row's FID."""
+    if not cfg.rfid:
+        return float("nan")
+    if data_cfg.get("pretokenized", False):
+        log.info("no rFID: the run's data %r is pre-tokenized, there are no real items to reconstruct", data_cfg["name"])
+        return float("nan")
+    items = reference_items(data_cfg, cfg.reference.split, cfg.reference.count, cfg.batch_size)
+    split = f"{cfg.reference.split}-{cfg.reference.count}"
+    cache_dir = Path(cfg.paths.runs, "fid_stats")
+    cache_path = rfid_cache_path(cache_dir, file_sha256(tokenizer_path), extractor, media_key(data_cfg), split, description)
+    return reconstruction_fid(tokenizer, items, extractor, reference, cache_path=cache_path)
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
+    """Decode ``cfg.samples`` samples (chunked, resumable) per seed with the configured schedule and cache; append a row per
+    seed (and with several seeds their mean and std rows); return the seed's row, or with several seeds the mean row."""
+    seeds = evaluation_seeds(cfg)
+    device = torch.device(cfg.device)
+    checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.paths.runs, cfg.name)
+    model, task, run_config, provenance = load_maskgit(checkpoint, device)
+    model = model.to(DECODE_DTYPES[cfg.dtype])
+    schedule = load_schedule(cast(dict[str, Any], OmegaConf.to_container(cfg.schedule, resolve=True)))
+    check_schedule(cfg.schedule, model.cfg.widths)  # the checkpoint's widths: a single-width one takes no nested schedule
+    width_per_step = schedule.width_per_step(model.cfg.widths)
+    check_policy_fits(cfg.decode, model.cfg.widths, model.cfg.depth)
+    settings = SamplingSettings.from_config(cfg.decode)
+    tokenizer_path = Path(cfg.tokenizer_checkpoint or tokenizer_of_run(run_config, checkpoint, cfg.paths.runs))
+    tokenizer = cast(Tokenizer, load_tokenizer(tokenizer_path, device))
+    check_tokenizer_fits_model(tokenizer.codebook_size, tokenizer.grid, tokenizer_path, model.cfg, checkpoint)
+    recorded = provenance.get("tokenizer_sha256")
+    tokenizer_id, tokenizer_check = check_tokenizer_identity(recorded, tokenizer_path, checkpoint, cfg.allow_tokenizer_mismatch)
+    if tokenizer_check == "unrecorded":
+        log.warning("%s records no tokenizer (written before checkpoints did): rows say tokenizer_check=unrecorded", checkpoint)
+    classifier_path = run_classifier(run_config, cfg)
+    # Class accuracy needs the run's classifier; a run without one (ImageNet) is measured with another extractor only.
+    has_classifier = classifier_path.is_file() or cfg.extractor.name == "domain"
+    classifier = domain_classifier_features(classifier_path).to(device).eval() if has_classifier else None
+    extractor = build_feature_extractor(cfg.extractor.name, cfg.extractor.path, classifier_path, device)
+    if classifier is not None:
+        check_extractor_fits(extractor, classifier)
+    reference = real_reference(run_config, cfg, extractor)  # once: every seed is measured against the same statistics
+    described = reference_description(reference, cfg)
+    rfid = tokenizer_rfid(tokenizer, tokenizer_path, run_config["data"], extractor, reference, described, cfg)
+    shard = condition_shard(task, run_config, cfg)
+    num_classes = model.cfg.num_classes
+    policy = policy_label(cfg.decode)
+    description = f"{schedule.name}/{cfg.decode.cache}/w={settings.guidance_scale:g}" + (f"/{policy}" if policy else "")
+    columns = grid_columns(task, num_classes)
+    unit = "clip" if extractor.media_kind == "video" else "img"
+    metric = frechet_metric_name(extractor)
+    results = Path(cfg.results)
+    commit = git_commit()
+
+    def measure_seed(seed: int) -> tuple[dict[str, Any], SampleChunks]:
+        """One seed's samples (their own chunk folder: the seed is part of the key) measured: its row and chunks."""
+        key = sample_settings(checkpoint, tokenizer_path, task, schedule.name, width_per_step, seed, cfg, device)
+        chunks = SampleChunks.keyed(cfg.samples_dir, key, cfg.samples, cfg.chunk_size)
+        finished = sum(chunks.is_finished(chunk) for chunk in range(len(chunks)))
+        log.info("seed %d: samples in %s: %d of %d chunks of %d already written", seed, chunks.folder, finished, len(chunks),
+                 cfg.chunk_size)  # fmt: skip
+
+        def generate(chunk: int) -> Iterator[GeneratedBatch]:
+            indices = chunks.indices(chunk)
+            conditions = decode_conditions(task, len(indices), num_classes, device, shard, start=indices.start)
+            return generate_samples(
+                model, tokenizer, task, conditions, width_per_step, settings, cfg.decode.cache, cfg.decode.refresh_every,
+                cfg.batch_size, chunk_generator(seed, chunk, device), compile=cfg.decode.compile, fast=cfg.decode.fast,
+                refresh_layer=cfg.decode.refresh_layer, route=route_settings(cfg.decode),
+            )  # fmt: skip
+
+        with tqdm(total=cfg.samples, desc=f"{description} seed {seed}", unit=unit, dynamic_ncols=True) as bar:
+            quality = measure_samples(
+                chunked_samples(chunks, generate, cfg.batch_size), model, extractor, reference,
+                cast(Callable[[torch.Tensor], torch.Tensor], classifier.logits) if classifier is not None else None,
+                keep_images=2 * columns, progress=bar.update, is_splits=cfg.is_splits,
+            )  # fmt: skip
+        run_name = checkpoint.parent.parent.name
+        grid_name = f"{run_name}_{schedule.name}_{cfg.decode.cache}_w{settings.guidance_scale:g}{policy_slug(policy)}_seed{seed}"
+        grid_stem = results.parent / "grids" / grid_name
+        # Class-conditional samples hold labels 0, 1, ..., C-1, 0, ...: with C <= 10 columns, one row per round of classes.
+        media_files = save_media(quality.first_images, grid_stem, nrow=columns)
+        grid_path = next(path for path in media_files if path.suffix == ".png")  # the image grid or the clips' frame strip
+        row = {
+            "experiment": cfg.name,
+            "checkpoint": str(checkpoint),
+            "distill": "single" if len(model.cfg.widths) == 1 else run_config.get("distill", {}).get("mode", "unknown"),
+            "task": task.name,
+            "schedule": schedule.name,
+            "widths": "-".join(map(str, schedule.widths)),
+            "steps_per_width": "-".join(map(str, schedule.steps)),
+            "cache": cfg.decode.cache,
+            "guidance": settings.guidance_scale,
+            "policy": policy,
+            "steps": len(width_per_step),
+            "samples": quality.samples,
+            "extractor": extractor.name,
+            "reference": described,
+            "seed": seed,
+            "aggregate": "",
+            "n_seeds": 1,
+            "fid": round(quality.frechet, 4) if metric == "fid" else "",
+            "fvd": round(quality.frechet, 4) if metric == "fvd" else "",
+            "rfid": rounded_or_empty(rfid, 4),
+            "inception_score": rounded_or_empty(quality.inception_score, 4),
+            "inception_score_std": rounded_or_empty(quality.inception_score_std, 4),
+            "class_acc": rounded_or_empty(quality.class_acc, 4),
+            "gflops_per_sample": round(quality.gflops_per_sample, 6),
+            "seconds": round(quality.seconds, 1),
+            "git_commit": commit,
+            "grid": str(grid_path.relative_to(results.parent)),
+            "checkpoint_sha256": identity(checkpoint),
+            "tokenizer_sha256": tokenizer_id,
+            "tokenizer_check": tokenizer_check,
+            "extractor_sha256": short(extractor.weights_id),
+            "classifier_sha256": identity(classifier_path) if classifier is not None else "",
+        }
+        real = "an unknown number of" if reference.meta.get("count") == "unknown" else str(reference.count)
+        score = "" if math.isnan(quality.inception_score) else f"IS {quality.inception_score:.2f}, "
+        floor = "" if math.isnan(rfid) else f" (r{frechet_label(extractor)} {rfid:.2f})"
+        print(
+            f"{description} seed {seed}: {frechet_label(extractor)} {quality.frechet:.2f}{floor} ({extractor.name}, "
+            f"{quality.samples} samples vs {real} real, {described}), {score}class accuracy {quality.class_acc:.3f}, "
+            f"{quality.gflops_per_sample:.3f} GFLOPs/sample"
+        )
+        return row, chunks
+
+    measured = [measure_seed(seed) for seed in seeds]
+    rows = [row for row, _ in measured]
+    if len(rows) > 1:
+        rows += aggregate_rows(rows)
+        mean, std = rows[-2], rows[-1]
+        print(
+            f"{description}, {len(seeds)} seeds {seeds}: {frechet_label(extractor)} {mean[metric]:.2f} ± {std[metric]:.2f}, "
+            f"{mean['gflops_per_sample']:.3f} ± {std['gflops_per_sample']:.3f} GFLOPs/sample (mean ± std)"
+        )
+    # Everything a row refers to is written before the row: a failed export leaves results.csv as it was, so the
+    # natural rerun (which reuses the cached samples) appends the row once.
+    if cfg.export_npz is not None:
+        for (_, chunks), seed in zip(measured, seeds, strict=True):
+            path = Path(cfg.export_npz)
+            path = path if len(seeds) == 1 else path.with_name(f"{path.stem}_seed{seed}{path.suffix}")
+            log.info("samples of seed %d in ADM's format: %s", seed, export_adm_npz(chunks, path))
+    append_results(results, rows)
+    print(f"{len(rows)} row(s) appended to {results}")
+    if not cfg.keep_samples:  # only once the row is safe: a failure before it reruns from the cached chunks
+        for _, chunks in measured:
+            chunks.remove()
+    return rows[0] if len(seeds) == 1 else rows[-2]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The work of ``python -m magnets.sample`` (its config is checked there, before this module loads)
+
+
+def sample_grid(cfg: DictConfig) -> dict[str, Any]:
+    """Decode ``samples_per_class`` samples of every class; write the grid and tokens; return a summary."""
+    device = torch.device(cfg.device)
+    checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.paths.runs, cfg.name)
+    model, task, run_config, provenance = load_maskgit(checkpoint, device)
+    model = model.to(DECODE_DTYPES[cfg.dtype])
+    model_cfg = model.cfg
+    schedule = load_schedule(cast(dict[str, Any], OmegaConf.to_container(cfg.schedule, resolve=True)))
+    check_schedule(cfg.schedule, model_cfg.widths)  # the checkpoint's widths: a single-width one takes no nested schedule
+    width_per_step = schedule.width_per_step(model_cfg.widths)
+    check_policy_fits(cfg.decode, model_cfg.widths, model_cfg.depth)
+    settings = SamplingSettings.from_config(cfg.decode)
+    tokenizer_path = cfg.tokenizer_checkpoint or tokenizer_of_run(run_config, checkpoint, cfg.paths.runs)
+    tokenizer = cast(Tokenizer, load_tokenizer(tokenizer_path, device))
+    check_tokenizer_fits_model(tokenizer.codebook_size, tokenizer.grid, Path(tokenizer_path), model_cfg, checkpoint)
+    recorded = provenance.get("tokenizer_sha256")
+    check_tokenizer_identity(recorded, Path(tokenizer_path), checkpoint, cfg.allow_tokenizer_mismatch)
+
+    classes = list(range(model_cfg.num_classes)) if cfg.classes is None else list(cfg.classes)
+    bad = [c for c in classes if not 0 <= c < model_cfg.num_classes]
+    if bad:
+        raise ConfigError("classes", bad, f"null (every class) or ids in 0..{model_cfg.num_classes - 1}")
+    if task.given_tokens:  # frame prediction: the first clips of the condition split, in order
+        shard = TokenDataset(shard_dir(run_config["tokenize"]["out_dir"], cfg.condition_split))
+        conditions = decode_conditions(task, cfg.samples_per_class * len(classes), model_cfg.num_classes, device, shard)
+    else:  # class-major: row c of the grid holds class c
+        labels = torch.tensor(classes, device=device).repeat_interleave(cfg.samples_per_class)  # [C * S]
+        conditions = DecodeConditions(labels)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    batches = generate_samples(
+        model, tokenizer, task, conditions, width_per_step, settings, cfg.decode.cache, cfg.decode.refresh_every,
+        cfg.batch_size, generator, compile=cfg.decode.compile, fast=cfg.decode.fast,
+        refresh_layer=cfg.decode.refresh_layer, route=route_settings(cfg.decode),
+    )  # fmt: skip
+    image_batches: list[torch.Tensor] = []
+    token_batches: list[torch.Tensor] = []
+    work: list[StepWork] = []
+    with torch.inference_mode(), tqdm(total=len(conditions), desc=f"{schedule.name}/{cfg.decode.cache}", unit="sample") as bar:
+        for batch in batches:
+            image_batches.append(batch.images)
+            token_batches.append(batch.tokens)
+            work.extend(batch.work)
+            bar.update(len(batch.labels))
+    images, tokens = torch.cat(image_batches), torch.cat(token_batches)  # [S, channels, ...], [S, N]
+    labels = conditions.labels
+
+    gflops = decode_flops_per_sample(model_cfg, work, len(labels)) / 1e9
+    masked = model_cfg.num_tokens - task.given_tokens
+    baseline_work = plan_decode(
+        model_cfg.num_tokens, [1] * len(width_per_step), "none", guided=settings.guided, num_masked=masked
+    ).work()
+    baseline_gflops = decode_flops_per_sample(model_cfg, baseline_work, samples=1) / 1e9
+    policy = policy_label(cfg.decode)
+    folder = f"{schedule.name}_{cfg.decode.cache}{policy_slug(policy)}"
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else checkpoint.parent.parent / "samples" / folder
+    media_files = save_media(images, out_dir / "grid", nrow=cfg.samples_per_class)
+    if task.given_tokens:  # the real clips the predictions started from, through the same tokenizer
+        assert conditions.real_tokens is not None  # frame prediction's conditions carry them
+        with torch.inference_mode():
+            real = tokenizer.decode(conditions.real_tokens.view(-1, *model_cfg.grid))
+        media_files += save_media(real, out_dir / "real", nrow=cfg.samples_per_class)
+    summary = {
+        "checkpoint": str(checkpoint),
+        "task": task.name,
+        "schedule": schedule.name,
+        "widths": list(schedule.widths),
+        "steps": list(schedule.steps),
+        "cache": cfg.decode.cache,
+        "policy": policy,
+        "samples": len(labels),
+        "gflops_per_sample": gflops,
+        "baseline_gflops_per_sample": baseline_gflops,
+        "flops_ratio_vs_baseline": baseline_gflops / gflops,
+        "decode": OmegaConf.to_container(cfg.decode, resolve=True),
+    }
+    atomic_write(
+        out_dir / "samples.npz",
+        lambda tmp: np.savez(tmp, tokens=tokens.cpu().numpy(), labels=labels.cpu().numpy(), summary=json.dumps(summary)),
+    )
+    print(
+        f"{schedule.name} ({cfg.decode.cache}): {gflops:.3f} GFLOPs per sample, {baseline_gflops / gflops:.2f}x fewer than "
+        f"the uncached full model with K={len(width_per_step)} ({baseline_gflops:.3f}); {len(labels)} samples in {out_dir}"
+    )
+    return {**summary, "out_dir": out_dir, "media_files": media_files, "tokens": tokens, "images": images}

@@ -31,22 +31,23 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from magnets.bench import (
+from magnets.bench import check_bench_config
+from magnets.benchmarks import (
     bench_decode,
     bench_geometry,
     bench_model_config,
     bench_train,
-    check_bench_config,
     run_settings,
     synchronize,
 )  # fmt: skip
+from magnets.choices import MODEL_SIZES
 from magnets.cli import check_choice, check_device, check_positive_int, run_entry
 from magnets.decoding.flops import forward_flops
 from magnets.decoding.graphs import CapturedStep
 from magnets.decoding.loop import DECODE_DTYPES
 from magnets.errors import ConfigError
 from magnets.files import atomic_write_json, atomic_write_text
-from magnets.models.transformer import MODEL_SIZES, NestedTransformer
+from magnets.models.transformer import NestedTransformer
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT / "conf"

@@ -46,6 +46,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from magnets.choices import LOGGERS, PRETRAINED_KINDS, model_dimensions
 from magnets.data.base import build_datamodule
 from magnets.data.shards import TokenDataModule, TokenDataset, read_meta, shard_dirs
 from magnets.data.tokenization import (
@@ -74,8 +75,7 @@ from magnets.metrics.extractors import (
 )
 from magnets.metrics.fid import FeatureExtractor
 from magnets.metrics.reconstruction import reconstruction_fid, rfid_cache_path
-from magnets.models.tokenizer import PRETRAINED_KINDS, Tokenizer, load_pretrained_tokenizer, num_tokens, tokenizer_config
-from magnets.models.transformer import model_dimensions
+from magnets.models.tokenizer import Tokenizer, load_pretrained_tokenizer, num_tokens, tokenizer_config
 from magnets.provenance import check_same_key, classifier_training_key, short, split_identity, tokenizer_training_key
 from magnets.runs import (
     INTERRUPTED_NAME,
@@ -124,9 +124,6 @@ def check_tokenizer_reusable(checkpoint: Path, cfg: DictConfig) -> None:
     check_same_key(
         "tokenizer", checkpoint, None if saved is None else tokenizer_training_key(saved), tokenizer_training_key(cfg), remedy
     )
-
-
-LOGGERS = ("tensorboard", "csv")
 
 
 def build_logger(kind: str, out_dir: Path) -> TensorBoardLogger | CSVLogger:

@@ -20,19 +20,25 @@ import hydra
 from omegaconf import DictConfig
 
 from magnets.cli import check_data, check_tokenize, check_tokenizer, check_tokenizer_fits_data, run_entry
-from magnets.pipeline import tokenize_command
 
 
 def check_tokenize_config(cfg: DictConfig) -> None:
     check_data(cfg.data)
-    check_tokenizer(cfg.tokenizer)
     check_tokenizer_fits_data(cfg)
     check_tokenize(cfg.tokenize)
+    check_tokenizer(cfg.tokenizer)  # imports torch: after the plain checks
+
+
+def write_shards(cfg: DictConfig) -> None:
+    """This process's shards (:func:`magnets.pipeline.tokenize_command`), imported once the config passed its check."""
+    from magnets.pipeline import tokenize_command
+
+    tokenize_command(cfg)
 
 
 @hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_entry(tokenize_command, cfg, check_tokenize_config)
+    run_entry(write_shards, cfg, check_tokenize_config)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,19 @@ import hydra
 from omegaconf import DictConfig
 
 from magnets.cli import check_train_config, run_entry
-from magnets.pipeline import train
+
+
+def run_stages(cfg: DictConfig) -> None:
+    """The stages (:func:`magnets.pipeline.train`), imported once the config passed its check: torch and Lightning take
+    seconds to load, a config error is reported before them."""
+    from magnets.pipeline import train
+
+    train(cfg)
 
 
 @hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_entry(train, cfg, check_train_config)
+    run_entry(run_stages, cfg, check_train_config)
 
 
 if __name__ == "__main__":

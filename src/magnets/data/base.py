@@ -30,9 +30,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from magnets.choices import DATAMODULES, SPLITS
 from magnets.errors import ConfigError
-
-SPLITS = ("train", "val", "test")
 
 # The label of an item whose file could not be read (its media are zeros). Not -1: that is Kinetics' "no label" (its
 # unlabelled test split), a real item.
@@ -113,19 +112,6 @@ def to_unit_float(x: torch.Tensor) -> torch.Tensor:
 
 
 # data.name -> (module, class); imported on first use so that image-only runs never import decord.
-FIXED_CLASS_COUNTS: dict[str, int] = {"fmnist": 10, "moving_fmnist": 10}
-"""Datasets whose class count is fixed (checked against ``data.num_classes`` before any stage); the others are counted
-from their files (UCF101's classInd.txt, ImageNet's class folders)."""
-
-DATAMODULES: dict[str, tuple[str, str]] = {
-    "fmnist": ("magnets.data.images", "FashionMNISTDataModule"),
-    "imagenet": ("magnets.data.imagenet", "ImageNetDataModule"),
-    "ucf101": ("magnets.data.video", "UCF101DataModule"),
-    "kinetics600": ("magnets.data.video", "Kinetics600DataModule"),
-    "moving_fmnist": ("magnets.data.moving_fmnist", "MovingFMNISTDataModule"),
-}
-
-
 def build_datamodule(cfg: Mapping[str, Any]) -> MediaLoaders:
     """The datamodule named by ``cfg['name']``, built from ``cfg['module']`` (the ``data`` config group)."""
     name = cfg["name"]

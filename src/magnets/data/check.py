@@ -21,8 +21,9 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from magnets.choices import SPLITS
 from magnets.cli import run_entry
-from magnets.data.base import SPLITS, build_datamodule
+from magnets.data.base import build_datamodule
 from magnets.data.video import (
     DECODE_ERRORS,
     BadVideo,

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from magnets.data.base import SPLITS, MediaLoaders, check_split
+from magnets.choices import SPLITS
+from magnets.data.base import MediaLoaders, check_split
 from magnets.errors import ConfigError, DataNotFoundError, UserError
 from magnets.files import atomic_write_json
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from magnets import choices
+from magnets.choices import GUIDANCE_RAMPS
 from magnets.decoding.cache import ascending_positions
 from magnets.decoding.plan import StepWork
 from magnets.masking import MASK_SCHEDULES, decode_masked_counts
@@ -24,11 +26,9 @@ from magnets.masking import MASK_SCHEDULES, decode_masked_counts
 # work of a pass at one width is one StepWork; a pass of token groups (magnets.decoding.policies) reports a list.
 TokensToLogits = Callable[[torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, StepWork | list[StepWork]]]
 
-GUIDANCE_RAMPS = ("constant", "linear")
-
 
 # Weight dtypes a model may decode in (``dtype=`` of sample, evaluate and bench); bfloat16 is the GPU setting.
-DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DECODE_DTYPES = {name: getattr(torch, name) for name in choices.DECODE_DTYPES}
 
 
 @dataclass(frozen=True)

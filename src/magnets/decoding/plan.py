@@ -17,11 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from magnets.choices import CACHE_MODES, POLICY_CACHE_MODES
 from magnets.masking import decode_masked_counts
-
-CACHE_MODES = ("none", "refresh_on_switch", "no_refresh", "refresh_every_n")  # the modes a static plan covers
-# Cache modes only the eager policy callable runs (``magnets.decoding.policies``): a switch there is a "partial" step.
-POLICY_CACHE_MODES = ("refresh_from_layer",)
 
 
 @dataclass(frozen=True)

@@ -39,14 +39,12 @@ from typing import Any
 
 import torch
 
+from magnets.choices import POLICY_CACHE_MODES, REVEALS, ROUTES
 from magnets.decoding.cache import KVCache, build_tokens_to_logits, gather_rows, positions_where
 from magnets.decoding.loop import SamplingSettings, TokensToLogits
-from magnets.decoding.plan import POLICY_CACHE_MODES, StepWork, check_cache_mode, step_kind
+from magnets.decoding.plan import StepWork, check_cache_mode, step_kind
 from magnets.masking import decode_masked_counts
 from magnets.models.transformer import NestedTransformer
-
-ROUTES = ("none", "confidence", "context")
-REVEALS = ("any", "wide")  # which masked tokens a routed step may reveal: any of them, or only the ones it ran wide
 
 
 @dataclass(frozen=True)

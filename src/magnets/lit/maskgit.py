@@ -14,14 +14,13 @@ from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torchmetrics import MeanMetric
 
+from magnets.choices import DISTILL_MODES
 from magnets.errors import MismatchError
 from magnets.lit.checkpoints import load_model_weights, read_checkpoint
 from magnets.lit.optim import warmup_cosine
 from magnets.masking import random_training_mask
 from magnets.models.transformer import NestedTransformer, TransformerConfig
 from magnets.task import Task, task_of_hparams
-
-DISTILL_MODES = ("progressive", "none")
 
 
 class NestedMaskGITModule(L.LightningModule):

@@ -21,6 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from magnets.choices import PRETRAINED_KINDS, TOKENIZER_KINDS
+
 
 @runtime_checkable
 class Tokenizer(Protocol):
@@ -58,21 +60,6 @@ class TrainableTokenizer(Tokenizer, Protocol):
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`forward`, through ``nn.Module.__call__``."""
         ...
-
-
-# kind -> (module, config class, model class); imported on first use.
-TOKENIZER_KINDS: dict[str, tuple[str, str, str]] = {
-    "vq2d": ("magnets.models.vq", "VQConfig", "VQTokenizer"),
-    "causal3d": ("magnets.models.video_tokenizer", "CausalTokenizerConfig", "CausalVideoTokenizer"),
-    "maskgit_vqgan": ("magnets.models.maskgit_vqgan", "MaskGITVQGANConfig", "MaskGITVQGAN"),
-}
-
-
-# Kinds this project does not train (their training needs losses it does not have): kind -> (module, weights loader).
-# The loader ``load(model, path) -> model`` fills a model built from the config with a public weights file.
-PRETRAINED_KINDS: dict[str, tuple[str, str]] = {
-    "maskgit_vqgan": ("magnets.models.maskgit_vqgan", "load_maskgit_vqgan_weights"),
-}
 
 
 def load_pretrained_tokenizer(kind: str, model: Mapping[str, Any], weights: str | Path) -> nn.Module:

@@ -13,47 +13,18 @@ cache written at one width can be read at another (``magnets.decoding.cache``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
+from magnets.choices import MODEL_SIZES
 from magnets.models.tokenizer import num_tokens
 
 if TYPE_CHECKING:
     from magnets.decoding.cache import KVCache
-
-MODEL_DIMENSIONS = ("dim", "depth", "heads", "mlp_dim")
-"""What a model size fixes; each ``conf/model/<size>.yaml`` holds them, beside its ``size`` name and ``widths``."""
-MODEL_CONF_DIR = Path(__file__).resolve().parents[3] / "conf" / "model"
-"""The model group of the project's Hydra configs (where the entry points' ``config_path`` points too)."""
-
-
-def model_dimensions(model: Mapping[str, Any]) -> dict[str, int]:
-    """The :data:`MODEL_DIMENSIONS` of a model config (a ``conf/model`` group or a mapping with those keys)."""
-    return {key: int(model[key]) for key in MODEL_DIMENSIONS}
-
-
-def load_model_sizes(folder: Path = MODEL_CONF_DIR) -> dict[str, dict[str, int]]:
-    """Every ``<folder>/*.yaml`` model size by its ``size`` name, smallest first: its :data:`MODEL_DIMENSIONS`.
-    The YAML files are the one home of the numbers; code that names a size (the benchmark's ``flops_model``, the
-    GPU check) reads them here."""
-    sizes = {}
-    for path in folder.glob("*.yaml"):
-        fields = OmegaConf.to_container(OmegaConf.load(path))
-        if not isinstance(fields, dict) or "size" not in fields or any(k not in fields for k in MODEL_DIMENSIONS):
-            raise ValueError(f"{path}: a model size needs size and {', '.join(MODEL_DIMENSIONS)}")
-        sizes[str(fields["size"])] = model_dimensions(cast(Mapping[str, Any], fields))
-    return dict(sorted(sizes.items(), key=lambda item: (item[1]["dim"], item[1]["depth"])))
-
-
-MODEL_SIZES: dict[str, dict[str, int]] = load_model_sizes()
-"""``conf/model/*.yaml`` by size name: tiny, fmnist, fmnist_paper, s, b, l, xl."""
 
 
 @dataclass
