@@ -55,16 +55,16 @@ data-check: setup
 	$(PY) -m magnets.data.check experiment=$(EXP) $(ARGS)
 
 sample: setup
-	$(PY) -m magnets.sample name=$(EXP) $(ARGS)
+	$(PY) -m magnets.sample experiment=$(EXP) $(ARGS)
 
 # One decode configuration of the newest checkpoint: FID, class accuracy, GFLOPs -> runs/<EXP>/results.csv
 evaluate: setup
-	$(PY) -m magnets.evaluate name=$(EXP) $(ARGS)
+	$(PY) -m magnets.evaluate experiment=$(EXP) $(ARGS)
 
 # Hydra multirun of magnets.evaluate over conf/sweep/$(SWEEP).yaml (schedules | cache | guidance)
 SWEEP ?= schedules
 sweep: setup
-	$(PY) -m magnets.evaluate name=$(EXP) +sweep=$(SWEEP) $(ARGS)
+	$(PY) -m magnets.evaluate experiment=$(EXP) +sweep=$(SWEEP) $(ARGS)
 
 # Training multirun (SWEEP=distill: progressive vs none vs single-width)
 sweep-train: setup

@@ -19,9 +19,18 @@ OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF_DIR / group
 EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
 
 
-def test_experiment_group_is_the_experiments_folder():
-    assert (CONF_DIR / "experiment").resolve() == (REPO / "experiments").resolve()
-    assert "fmnist" in EXPERIMENTS
+def test_the_experiment_group_is_served_from_the_experiments_folder(tmp_path):
+    """No copy or link in conf/: the search path's config source lists and loads experiments/ itself."""
+    assert not (CONF_DIR / "experiment").exists() and "fmnist" in EXPERIMENTS
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=moving_fmnist_fp", f"run_dir={tmp_path}"])
+        assert cfg.name == "moving_fmnist_fp" and cfg.task.cond_frames == 5  # the preset and the one it extends
+        with pytest.raises(Exception, match=r"Could not find 'experiment/nope'"):
+            compose("config", overrides=["experiment=nope"])
+        # evaluate and sample take the same selector, a plain key there: it names the run folder.
+        evaluate = compose("evaluate", overrides=["experiment=ucf101_b"])
+        assert evaluate.name == "ucf101_b" and evaluate.results.endswith("runs/ucf101_b/results.csv")
+        assert compose("sample", overrides=["experiment=k600_s"]).name == "k600_s"
 
 
 # Groups outside the training config's defaults: the primary config they belong to, and whether they are appended (+).

@@ -71,7 +71,7 @@ def test_sample_names_what_is_missing(tmp_path):
         ConfigError,
         match=r"checkpoint='last' is not valid.*/nothing/\*/checkpoints/last.ckpt exists as a whole checkpoint .*\(train first",
     ):
-        sample(sample_config([f"paths.runs={tmp_path}", "name=nothing"]))
+        sample(sample_config([f"paths.runs={tmp_path}", "experiment=nothing"]))
     (tmp_path / "junk.ckpt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         sample(sample_config([f"checkpoint={tmp_path / 'junk.ckpt'}"]))

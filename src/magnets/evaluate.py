@@ -1,7 +1,7 @@
 """Evaluate one decode configuration of a checkpoint: FID or FVD, Inception Score, class accuracy, GFLOPs and the
 tokenizer's rFID; a row per seed (and, with several seeds, their mean and std rows) appended to a results CSV.
 
-    python -m magnets.evaluate [name=fmnist] [checkpoint=last] [schedule=magnets_3333] [decode.cache=...]
+    python -m magnets.evaluate [experiment=fmnist] [checkpoint=last] [schedule=magnets_3333] [decode.cache=...]
         [seeds=[0,1,2] | repeats=3] [decode.guidance_scale=...]
         [samples=2000] [extractor=inception_offline | domain | i3d_torchscript extractor.path=FILE]
         [reference.npz=VIRTUAL_imagenet256_labeled.npz] [chunk_size=1000] [export_npz=samples.npz]

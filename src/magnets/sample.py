@@ -1,6 +1,6 @@
 """Decode a grid of samples from a trained checkpoint with a model schedule: one row per class, or predicted clips.
 
-    python -m magnets.sample [name=fmnist] [checkpoint=last] [schedule=magnets_3333] [decode.cache=...]
+    python -m magnets.sample [experiment=fmnist] [checkpoint=last] [schedule=magnets_3333] [decode.cache=...]
     make sample EXP=fmnist ARGS="schedule=maskgit_12 decode.cache=none"
 
 Writes the samples through the media writer (``grid.png`` for images, one
