@@ -117,10 +117,39 @@ def test_datamodule_split_is_deterministic_and_disjoint(fake_fmnist):
         a.split_arrays("dev")
 
 
-def test_build_datamodule_names_valid_datasets(tmp_path):
-    valid = "a dataset with media: fmnist, imagenet, kinetics600, moving_fmnist, ucf101"
-    with pytest.raises(ConfigError, match=rf"data.name='mnist' is not valid; valid: {valid}"):
+def test_build_datamodule_instantiates_the_target_and_names_a_bad_one(fake_fmnist, tmp_path):
+    arguments = {"root": str(fake_fmnist), "val_size": 20, "search_debian": False}
+    built = build_datamodule(
+        {"name": "fmnist", "module": {"_target_": "magnets.data.images.FashionMNISTDataModule", **arguments}}
+    )
+    assert type(built).__name__ == "FashionMNISTDataModule" and len(built.split_arrays("val")[0]) == 20
+    # A config saved before data.module had a _target_ (an older checkpoint's) names its class by data.name.
+    assert type(build_datamodule({"name": "fmnist", "module": arguments})).__name__ == "FashionMNISTDataModule"
+    valid = "a media datamodule class taking data.module's other keys, e.g. magnets.data.images.FashionMNISTDataModule"
+    with pytest.raises(
+        ConfigError,
+        match=rf"^data.module._target_='magnets.data.images.MNIST' is not valid; valid: {valid}.* \(no such class to import\)$",
+    ):
+        build_datamodule({"name": "mnist", "module": {"_target_": "magnets.data.images.MNIST", "root": str(tmp_path)}})
+    with pytest.raises(
+        ConfigError,
+        match=r"^data.module._target_='magnets.data.images.FashionMNISTDataModule' .*TypeError: .*keyword argument 'resolution'",
+    ):
+        build_datamodule(
+            {"name": "fmnist", "module": {"_target_": "magnets.data.images.FashionMNISTDataModule", "resolution": 3}}
+        )
+    with pytest.raises(ConfigError, match=r"^data.module._target_=None is not valid"):
         build_datamodule({"name": "mnist", "module": {"root": str(tmp_path)}})
+
+
+def test_the_config_check_wants_a_datamodule_target() -> None:
+    from magnets.cli import check_data
+
+    data = {"name": "fmnist", "pretokenized": False, "num_classes": 10, "module": {"_target_": "not a path"}}
+    with pytest.raises(ConfigError, match=r"^data.module._target_='not a path' is not valid; valid: the dotted path"):
+        check_data(data)
+    check_data(data | {"module": {"_target_": "magnets.data.images.FashionMNISTDataModule"}})
+    check_data(data | {"pretokenized": True, "module": None})  # pre-tokenized data have no datamodule
 
 
 @pytest.mark.skipif(not fashion_mnist.DEBIAN_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")

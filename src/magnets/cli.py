@@ -215,7 +215,10 @@ def check_tokenizer(tokenizer: Mapping[str, Any], key: str = "tokenizer") -> Non
 def check_data(data: Mapping[str, Any], key: str = "data") -> None:
 
     if not data["pretokenized"]:
-        check_choice(f"{key}.name", data["name"], sorted(DATAMODULES))
+        target = (data.get("module") or {}).get("_target_")
+        if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", target):
+            valid = "the dotted path of a media datamodule class, e.g. " + ", ".join(".".join(p) for p in DATAMODULES.values())
+            raise ConfigError(f"{key}.module._target_", target, valid)
     check_positive_int(f"{key}.num_classes", data["num_classes"])
     fixed = FIXED_CLASS_COUNTS.get(data["name"])
     if fixed is not None and data["num_classes"] != fixed:

@@ -64,7 +64,9 @@ def plain(config: DictConfig | dict[str, Any] | None) -> dict[str, Any]:
 def data_selection(data: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """The ``data`` group without its :data:`DATA_LOCATION_KEYS`: which items, at which geometry and classes."""
     selection = plain(data)
-    module = {k: v for k, v in (selection.get("module") or {}).items() if k not in DATA_LOCATION_KEYS}
+    # _target_, the datamodule class, is left out too: data.name names the dataset, and configs saved before it existed
+    # lack it.
+    module = {k: v for k, v in (selection.get("module") or {}).items() if k not in DATA_LOCATION_KEYS and k != "_target_"}
     return selection | {"module": module}
 
 

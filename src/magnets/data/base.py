@@ -16,22 +16,24 @@ the dataset returns it as ``(zeros, UNREADABLE_LABEL)`` and
 out of the batch. Tokenization counts and reports such items by name
 (a dataset that can produce them has ``why_unreadable(index)``).
 
-Datamodules are registered in :data:`DATAMODULES` by the ``data`` config
-group's ``name`` and built by :func:`build_datamodule` from its ``module``.
+A datamodule is built by :func:`build_datamodule` from the ``data`` config
+group's ``module``: its ``_target_`` (the class) and arguments, through
+``hydra.utils.instantiate``.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from magnets.choices import DATAMODULES, SPLITS
-from magnets.errors import ConfigError
+from magnets.errors import ConfigError, UserError
 
 # The label of an item whose file could not be read (its media are zeros). Not -1: that is Kinetics' "no label" (its
 # unlabelled test split), a real item.
@@ -111,14 +113,35 @@ def to_unit_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255)
 
 
-# data.name -> (module, class); imported on first use so that image-only runs never import decord.
 def build_datamodule(cfg: Mapping[str, Any]) -> MediaLoaders:
-    """The datamodule named by ``cfg['name']``, built from ``cfg['module']`` (the ``data`` config group)."""
-    name = cfg["name"]
-    if name not in DATAMODULES:
-        raise ConfigError("data.name", name, f"a dataset with media: {', '.join(sorted(DATAMODULES))}")
-    if cfg.get("module") is None:
+    """The datamodule of the ``data`` config group: ``cfg['module']``'s ``_target_`` class with its other keys as
+    arguments (``hydra.utils.instantiate``; the class is imported then, so image-only runs never import decord).
+
+    A config saved before ``_target_`` existed (in an older checkpoint) names its class through ``cfg['name']``
+    (:data:`magnets.choices.DATAMODULES`). A target that does not import or does not take the arguments is one
+    :class:`ConfigError`; a user error of the datamodule itself (missing data) passes through as it is.
+    """
+    name, module = cfg["name"], cfg.get("module")
+    if module is None:
         raise ConfigError("data.module", None, f"the arguments of {name}'s datamodule (null: {name} is pre-tokenized, no media)")
-    module_name, class_name = DATAMODULES[name]
-    datamodule_class = getattr(importlib.import_module(module_name), class_name)
-    return datamodule_class(**cfg["module"])
+    arguments = dict(module)
+    if "_target_" not in arguments and name in DATAMODULES:
+        arguments["_target_"] = ".".join(DATAMODULES[name])
+    if not isinstance(arguments.get("_target_"), str):
+        raise ConfigError("data.module._target_", arguments.get("_target_"), DATAMODULE_TARGETS)
+    try:
+        return cast(MediaLoaders, instantiate(arguments, _convert_="all"))
+    except InstantiationException as err:
+        if isinstance(err.__cause__, UserError):
+            raise err.__cause__ from None
+        cause = err.__cause__  # the constructor's own error, e.g. an argument it does not take, or the import's
+        if isinstance(cause, ImportError) or cause is None:
+            reason = "no such class to import"
+        else:
+            reason = " ".join(f"{type(cause).__name__}: {cause}".split())  # one line
+        raise ConfigError("data.module._target_", arguments["_target_"], f"{DATAMODULE_TARGETS} ({reason})") from None
+
+
+DATAMODULE_TARGETS = "a media datamodule class taking data.module's other keys, e.g. " + ", ".join(
+    ".".join(path) for path in DATAMODULES.values()
+)
