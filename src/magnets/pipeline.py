@@ -80,7 +80,6 @@ from magnets.provenance import check_same_key, classifier_training_key, short, s
 from magnets.runs import (
     INTERRUPTED_NAME,
     check_resume_compatible,
-    check_resume_tokens,
     checkpoint_dir,
     last_checkpoint,
     own_resume_checkpoint,
@@ -95,9 +94,12 @@ from magnets.task import Task, build_task
 log = logging.getLogger(__name__)
 
 
-def check_tokenizer_matches(checkpoint: Path, kind: str, model_cfg: dict[str, Any]) -> None:
-    """Refuse to reuse a tokenizer checkpoint trained with another kind or architecture."""
-    hparams = torch.load(checkpoint, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+def check_tokenizer_matches(checkpoint: Path, kind: str, model_cfg: dict[str, Any], cfg: DictConfig | None = None) -> None:
+    """Refuse to reuse a tokenizer checkpoint trained with another kind or architecture, and (given the run's ``cfg``: a
+    trained kind) one whose saved config gives another training key: other optimiser, codebook or trainer settings,
+    seed, or data selection (a smoke run's short training). The file is read once."""
+    record = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    hparams = record.get("hyper_parameters", {})
     saved_kind, saved = hparams.get("kind", "vq2d"), hparams.get("model")
     if saved_kind != kind:
         raise MismatchError(
@@ -111,19 +113,15 @@ def check_tokenizer_matches(checkpoint: Path, kind: str, model_cfg: dict[str, An
             f"saved {[(saved or {}).get(k) for k in diffs]}, configured {[model_cfg.get(k) for k in diffs]}). "
             "Give the tokenizer a new tokenizer.name, or delete that checkpoint to retrain it."
         )
-
-
-def check_tokenizer_reusable(checkpoint: Path, cfg: DictConfig) -> None:
-    """Refuse to reuse (or resume) a trained tokenizer whose saved config gives another training key than ``cfg``:
-    other optimiser, codebook or trainer settings, seed, or data selection (a smoke run's short training)."""
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False).get("config")
+    if cfg is None:
+        return
+    saved_config = record.get("config")
     remedy = (
         f"give the tokenizer a new tokenizer.name to train one for these settings, or delete {checkpoint.parent} "
         "to retrain it (its token shards are then rewritten)"
     )
-    check_same_key(
-        "tokenizer", checkpoint, None if saved is None else tokenizer_training_key(saved), tokenizer_training_key(cfg), remedy
-    )
+    saved_key = None if saved_config is None else tokenizer_training_key(saved_config)
+    check_same_key("tokenizer", checkpoint, saved_key, tokenizer_training_key(cfg), remedy)
 
 
 def build_logger(kind: str, out_dir: Path) -> TensorBoardLogger | CSVLogger:
@@ -249,8 +247,7 @@ def fit_tokenizer(cfg: DictConfig) -> Path:
     final = tokenizer_final_checkpoint(tok_dir)
     model_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.tokenizer.model, resolve=True))
     if final.exists():
-        check_tokenizer_matches(final, cfg.tokenizer.kind, model_cfg)
-        check_tokenizer_reusable(final, cfg)
+        check_tokenizer_matches(final, cfg.tokenizer.kind, model_cfg, cfg)
         log.info("tokenizer %s exists and was trained with these settings; skipping its training", final)
         return final
 
@@ -274,8 +271,7 @@ def fit_tokenizer(cfg: DictConfig) -> Path:
     trainer = stage_trainer(cfg, tok_dir, cfg.tokenizer.trainer, cfg.tokenizer.checkpoint_every)
     resume = own_resume_checkpoint(tok_dir)
     if resume is not None:
-        check_tokenizer_matches(resume, cfg.tokenizer.kind, model_cfg)
-        check_tokenizer_reusable(resume, cfg)
+        check_tokenizer_matches(resume, cfg.tokenizer.kind, model_cfg, cfg)
     fit_stage(trainer, module, datamodule, resume)
     (test_metrics,) = trainer.test(module, datamodule=datamodule)
 
@@ -528,8 +524,7 @@ def fit_maskgit(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> 
     # resume=...; else this run directory's own checkpoint, when a requeued or rerun job starts here again.
     resume = resume_checkpoint(cfg) or own_resume_checkpoint(run_dir)
     if resume is not None:
-        check_resume_compatible(resume, cfg)
-        check_resume_tokens(resume, provenance, cfg.tokenize.out_dir)
+        check_resume_compatible(resume, cfg, provenance)
         log.info("resuming from %s", resume)
     fit_stage(trainer, module, datamodule, resume)
     # The periodic last.ckpt may predate the final steps: save the end state explicitly.

@@ -146,9 +146,14 @@ def resume_checkpoint(cfg: DictConfig) -> Path | None:
     return resolve_checkpoint(str(cfg.resume), cfg.paths.runs, cfg.name, key="resume", own_run_dir=own_run_dir)
 
 
-def check_resume_compatible(checkpoint: Path, cfg: DictConfig) -> None:
-    """Refuse to resume from a checkpoint written under another model, distillation, tokenizer or data."""
-    saved = OmegaConf.create(read_checkpoint(checkpoint, "MaskGIT").get("config", {}))  # a damaged file: one line
+def check_resume_compatible(checkpoint: Path, cfg: DictConfig, provenance: dict[str, Any] | None = None) -> None:
+    """Refuse to resume from a checkpoint written under another model, distillation, tokenizer or data, and (given the
+    current token ``provenance``: :func:`magnets.pipeline.token_provenance`) one trained on another tokenizer's tokens
+    than the shards hold now, e.g. after the tokenizer was retrained under its name. The file is read once."""
+    record = read_checkpoint(checkpoint, "MaskGIT")  # a damaged file: one line
+    if provenance is not None:
+        check_resume_tokens(checkpoint, record.get("provenance"), provenance, cfg.tokenize.out_dir)
+    saved = OmegaConf.create(record.get("config", {}))
     current = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     diffs = [
         key for key in RESUME_MUST_MATCH if not same_setting(key, OmegaConf.select(saved, key), OmegaConf.select(current, key))
@@ -158,10 +163,9 @@ def check_resume_compatible(checkpoint: Path, cfg: DictConfig) -> None:
         raise MismatchError(f"cannot resume from {checkpoint}: it was trained with other settings ({details})")
 
 
-def check_resume_tokens(checkpoint: Path, provenance: dict[str, Any], out_dir: str | Path) -> None:
-    """Refuse to resume from a checkpoint trained on another tokenizer's tokens than the shards in ``out_dir`` hold now
-    (``provenance``: :func:`magnets.pipeline.token_provenance`), e.g. after the tokenizer was retrained under its name."""
-    saved = read_checkpoint(checkpoint, "MaskGIT").get("provenance")
+def check_resume_tokens(checkpoint: Path, saved: dict[str, Any] | None, provenance: dict[str, Any], out_dir: str | Path) -> None:
+    """Refuse a ``checkpoint`` whose recorded provenance ``saved`` names another tokenizer than the shards in ``out_dir``
+    hold now (``provenance``)."""
     if saved is None:
         log.warning("%s records no tokenizer (written before checkpoints did): its tokens cannot be checked", checkpoint)
         return
